@@ -1,0 +1,3 @@
+from ctxrepro.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""The `ctxrepro` command line: run stages by hand, inspect params, switch profiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ctxrepro.config import BaseParams, ParamsError
+from ctxrepro.stage import StageError, available_stages, run_stage, stage_help
+
+app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a DVC pipeline.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+stage_app = typer.Typer(help="Run one DVC stage by hand (what `dvc repro` calls).", no_args_is_help=True)
+app.add_typer(stage_app, name="stage")
+
+PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", help="params file to read")
+SET_OPT = typer.Option(None, "--set", help="override section.key=value (YAML value), repeatable, like dvc exp run -S")
+SHARD_OPT = typer.Option("0/1", "--shard", help="run shard i of n (stages that support sharding)")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _make_stage_command(name: str):
+    def command(params: Path = PARAMS_OPT, set_: Optional[List[str]] = SET_OPT, shard: str = SHARD_OPT) -> None:
+        _setup_logging()
+        try:
+            run_stage(name, params, list(set_ or []), shard)
+        except ParamsError as e:
+            _fail(str(e), 2)
+        except StageError as e:
+            _fail(str(e), 1)
+
+    command.__name__ = f"stage_{name}"
+    return command
+
+
+for _name in available_stages():
+    stage_app.command(name=_name, help=stage_help(_name))(_make_stage_command(_name))
+
+
+def _params_class(stage: str) -> type:
+    if stage == "base":
+        return BaseParams
+    if stage not in available_stages():
+        _fail(f"unknown stage '{stage}'; available: base, {', '.join(available_stages())}", 2)
+    return importlib.import_module(f"stages.{stage}").Params
+
+
+def _describe(cls: type, prefix: str) -> list[str]:
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            rows += _describe(type(default), f"{prefix}{f.name}.")
+            continue
+        rule = []
+        if f.metadata.get("choices") is not None:
+            rule.append("one of " + "|".join(map(str, f.metadata["choices"])))
+        if f.metadata.get("min") is not None:
+            rule.append(f">= {f.metadata['min']}")
+        if f.metadata.get("max") is not None:
+            rule.append(f"<= {f.metadata['max']}")
+        tname = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
+        rows.append(f"{prefix}{f.name} ({tname}; default {default!r}{'; ' + ', '.join(rule) if rule else ''})"
+                    f"  {f.metadata.get('help', '')}")
+    return rows
+
+
+@app.command("params")
+def params_cmd(stage: str = typer.Argument(..., help="stage name, or 'base'")) -> None:
+    """List a params section's keys with types, defaults and allowed values."""
+    typer.echo("\n".join(_describe(_params_class(stage), f"{stage}.")))
+
+
+@app.command("profile")
+def profile_cmd(name: str = typer.Argument(..., help="tiny or paper"),
+                force: bool = typer.Option(False, "--force", help="overwrite a params.yaml with local edits")) -> None:
+    """Switch params.yaml to a profile (profiles/<name>.yaml); `dvc params diff` then shows the switch."""
+    from ctxrepro.profiles import ProfileError, switch_profile
+
+    try:
+        previous = switch_profile(Path.cwd(), name, force=force)
+    except ProfileError as e:
+        _fail(str(e), 2)
+    typer.echo(f"params.yaml is now the '{name}' profile (was: {previous}); see `dvc params diff`")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

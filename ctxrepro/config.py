@@ -1,0 +1,209 @@
+"""Params: `params.yaml` sections parsed once, at the edge, into typed frozen dataclasses.
+
+Every section of params.yaml is named like its DVC stage (STYLE.md rule 1). Fields are declared with
+`param(...)`, which records the allowed range or choices; parsing refuses unknown keys, wrong types and
+out-of-range values with a message that names the section, key, value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params file or override that cannot be used: the message says which key and why."""
+
+
+def param(default: Any, *, min: float | None = None, max: float | None = None,
+          choices: tuple | list | None = None, help: str = "") -> Any:
+    """A dataclass field carrying its validation rule; lists become tuples so dataclasses stay frozen."""
+    if isinstance(default, list):
+        default = tuple(default)
+    meta = {"min": min, "max": max, "choices": tuple(choices) if choices is not None else None, "help": help}
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    """What every stage shares (section `base`)."""
+
+    seed: int = param(0, min=0, help="the one seed every per-stage and per-worker seed derives from")
+    device: str = param("auto", choices=("auto", "cpu", "cuda"), help="auto picks cuda when available")
+    workers: int = param(2, min=0, max=256, help="default worker processes for data loading")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_scalar(tp: Any, value: Any, where: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Path:
+        if isinstance(value, str):
+            return Path(value)
+    elif tp is Any:
+        return value
+    else:
+        raise ParamsError(f"{where}: unsupported field type {tp!r}")
+    raise ParamsError(f"{where}: {value!r} is a {type(value).__name__}, expected {_type_name(tp)}")
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(a, value, where)
+            except ParamsError as e:
+                errors.append(str(e))
+        raise ParamsError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {inner}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where}: {value!r} is a {type(value).__name__}, expected a list")
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: {value!r} is a {type(value).__name__}, expected a mapping")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_coerce(kt, k, where): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return parse_dataclass(tp, value, where)
+    return _check_scalar(tp, value, where)
+
+
+def _check_range(f: dataclasses.Field, value: Any, where: str) -> None:
+    lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if v is None:
+            continue
+        if choices is not None and v not in choices:
+            raise ParamsError(f"{where}: {v!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
+        if lo is not None and v < lo:
+            raise ParamsError(f"{where}: {v!r} is below the minimum {lo}")
+        if hi is not None and v > hi:
+            raise ParamsError(f"{where}: {v!r} is above the maximum {hi}")
+
+
+def parse_dataclass(cls: type, data: Any, section: str) -> Any:
+    """Build a frozen `cls` from a mapping: unknown keys, wrong types and out-of-range values are errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"section '{section}': expected a mapping of keys, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ParamsError(f"section '{section}': unknown key '{unknown[0]}' (known keys: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        where = f"{section}.{name}"
+        coerced = _coerce(hints[name], value, where)
+        _check_range(fields[name], coerced, where)
+        values[name] = coerced
+    try:
+        obj = cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ParamsError(f"section '{section}': {e}") from e
+    return obj
+
+
+def load_yaml(path: Path | str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {path} not found (run from the repository root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"params file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ParamsError(f"params file {path}: expected a mapping of sections at the top level")
+    return data
+
+
+def apply_overrides(data: dict, sets: list[str] | tuple[str, ...]) -> dict:
+    """Apply `section.key=value` overrides (values parsed as YAML, like `dvc exp run -S`); returns a copy."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ParamsError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ParamsError(f"--set {item!r}: value is not valid YAML: {e}") from e
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ParamsError(f"--set {item!r}: '{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass as plain YAML/JSON-able data (for logs and checkpoints)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def load_params(path: Path | str, section: str, cls: type, sets: list[str] | tuple[str, ...] = ()):
+    """Parse `base` and `section` of a params file after overrides: returns (BaseParams, cls instance)."""
+    data = apply_overrides(load_yaml(path), sets)
+    for item in sets:
+        top = item.partition("=")[0].split(".")[0]
+        if top not in ("base", section):
+            raise ParamsError(f"--set {item!r}: stage '{section}' reads only sections 'base' and '{section}'")
+    base = parse_dataclass(BaseParams, data.get("base"), "base")
+    if section not in data:
+        raise ParamsError(f"params file {path} has no section '{section}'")
+    return base, parse_dataclass(cls, data.get(section), section)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; asking for cuda without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("base.device: 'cuda' was asked for but no CUDA device is visible; use auto or cpu")
+    return device
