@@ -1,29 +1,59 @@
-# ctxrepro runtime image. The pinned torch 2.14.1 / torchvision 0.29.1 wheels are CUDA 13.0 builds that
-# carry their own CUDA runtime libraries (nvidia-* wheels in requirements.lock), so a slim Python 3.11 base
-# is enough; the GPU driver comes from the host through the NVIDIA container toolkit (`--gpus all`).
-FROM python:3.11-slim-bookworm
+# syntax=docker/dockerfile:1
+# ctxrepro runtime image. Build and run it through `ctxrepro docker build` / `ctxrepro docker repro`: the tag
+# is a hash of this file plus requirements.lock, so a changed pin always means a new image.
+#
+# Why not an nvidia/cuda base: the pinned torch==2.14.1 / torchvision==0.29.1 PyPI wheels are CUDA 13.0
+# builds that load their own CUDA user-space libraries (cuda-toolkit, nvidia-cublas, nvidia-cudnn-cu13, ...
+# all pinned in requirements.lock), so an nvidia/cuda:13.0 runtime base would add a second, unused copy of
+# the same libraries, and none of its Ubuntu bases ships the Python 3.11 the project pins. The CUDA runtime
+# therefore matches torch by construction, and the only thing taken from the host is the driver, which the
+# NVIDIA container toolkit mounts in for `--gpus all`. The three NVIDIA_* variables below are the ones the
+# nvidia/cuda images set: they make the toolkit mount the compute and nvidia-smi libraries, and refuse to
+# start the container, with a message naming the requirement, on a host driver too old for CUDA 13.0.
+FROM python:3.11-slim-bookworm AS wheel
 
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
-
-# git: DVC and the stages' provenance log need it; libgl/glib: OpenCV's contrib wheel imports them.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends git=1:2.39.* libglib2.0-0=2.74.* \
-    && rm -rf /var/lib/apt/lists/*
-
-WORKDIR /opt/ctxrepro
-COPY requirements.lock ./
-RUN pip install -r requirements.lock
+# The project as a wheel, built apart so the final image holds neither setuptools' build tree nor a
+# source copy (the mounted checkout is the source of truth at run time, see PYTHONPATH below).
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY ctxrepro ./ctxrepro
 COPY stages ./stages
-RUN pip install --no-deps . \
-    && git config --system --add safe.directory '*' \
-    && useradd --create-home --uid 1000 ctx
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
-USER ctx
+FROM python:3.11-slim-bookworm
+
+# PYTHONPATH=/repo: `dvc repro` in the container must run the code of the mounted checkout (the code DVC
+# hashes as stage deps), not the copy installed below, which only provides the `ctxrepro` command and a
+# working image without a mount. The image tag does not hash the code, so the installed copy may be older.
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/repo \
+    DVC_NO_ANALYTICS=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=13.0"
+
+# git: DVC and the stages' provenance log need it; glib: OpenCV's contrib wheel links it.
+# safe.directory '*': the mounted checkout and DVC's temporary experiment workspaces under it may be owned
+# by a uid other than the container's (git 2.39 has no path-prefix patterns, so '/repo' alone would not
+# cover .dvc/tmp/exps/*). The fixed user is for plain `docker run`; `ctxrepro docker` passes the host uid:gid.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git=1:2.39.* libglib2.0-0=2.74.* \
+    && rm -rf /var/lib/apt/lists/* \
+    && git config --system --add safe.directory '*' \
+    && useradd --create-home --uid 1000 --user-group ctx
+
+# Dependencies in their own layer: a code change rebuilds only the small project layer, not torch.
+RUN --mount=type=bind,source=requirements.lock,target=/tmp/requirements.lock \
+    pip install --no-cache-dir -r /tmp/requirements.lock
+
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels \
+    pip install --no-cache-dir --no-deps /tmp/wheels/ctxrepro-*.whl \
+    && ctxrepro --help > /dev/null \
+    && dvc --version
+
+USER 1000:1000
 WORKDIR /repo
-ENTRYPOINT ["ctxrepro"]
-CMD ["--help"]
+CMD ["ctxrepro", "--help"]

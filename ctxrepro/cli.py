@@ -13,12 +13,14 @@ from typing import List, Optional
 import typer
 
 from ctxrepro.config import BaseParams, ParamsError
+from ctxrepro.docker import docker_app
 from ctxrepro.stage import StageError, available_stages, run_stage, stage_help
 
 app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a DVC pipeline.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 stage_app = typer.Typer(help="Run one DVC stage by hand (what `dvc repro` calls).", no_args_is_help=True)
 app.add_typer(stage_app, name="stage")
+app.add_typer(docker_app, name="docker")
 
 PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", help="params file to read")
 SET_OPT = typer.Option(None, "--set", help="override section.key=value (YAML value), repeatable, like dvc exp run -S")

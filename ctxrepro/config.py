@@ -39,6 +39,8 @@ class BaseParams:
     seed: int = param(0, min=0, help="the one seed every per-stage and per-worker seed derives from")
     device: str = param("auto", choices=("auto", "cpu", "cuda"), help="auto picks cuda when available")
     workers: int = param(2, min=0, max=256, help="default worker processes for data loading")
+    runtime: str = param("local", choices=("local", "docker"),
+                         help="docker: rerun each stage inside the project image (ctxrepro docker build first)")
 
 
 def _type_name(tp: Any) -> str:

@@ -90,6 +90,13 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1")
     module = importlib.import_module(f"stages.{name}")
     base, params = load_params(params_path, name, module.Params, sets)
     shard_t = parse_shard(shard)
+    if base.runtime == "docker":
+        # Before resolve_device: a CPU-only host must still be able to hand a cuda run to the container.
+        from ctxrepro.docker import run_stage_in_container
+
+        run_stage_in_container(Path.cwd(), name, params_path, list(sets), shard,
+                               gpus=False if base.device == "cpu" else None)
+        return
     device = resolve_device(base.device)
     log = logging.getLogger(f"ctxrepro.stage.{name}")
     root = Path.cwd()
