@@ -1,0 +1,94 @@
+"""Fetch the data sets into data/raw: the embedded tiny world, local archives or folders, or URLs."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctxrepro.config import param
+from ctxrepro.data.download import DownloadError, RetryPolicy
+from ctxrepro.data.extract import UnsafeArchiveError
+from ctxrepro.data.fetch import fetch_dataset
+from ctxrepro.data.registry import ChecksumError
+from ctxrepro.io import atomic_dir, atomic_write_json
+from ctxrepro.stage import StageContext, StageError
+from ctxrepro.world import INDEX, WorldSpec, generate
+
+DATASETS = ("imagenet", "voc2007", "voc2011", "nyuv2")
+RAW = Path("data/raw")
+DOWNLOADS = Path("data/downloads")
+METRICS = Path("metrics/fetch.json")
+# Where each data set's images sit under data/raw, to keep only the builtin ones in the world index.
+_INDEX_PREFIX = {"imagenet": "imagenet/", "voc2007": "voc2007/", "voc2011": "voc2011/", "nyuv2": "nyuv2/"}
+
+SOURCE_HELP = "builtin | official (not imagenet) | local folder or archive | http(s) URL of a folder or file"
+
+
+@dataclass(frozen=True)
+class Params:
+    imagenet_source: str = param("builtin", help=SOURCE_HELP)
+    voc2007_source: str = param("builtin", help=SOURCE_HELP)
+    voc2011_source: str = param("builtin", help=SOURCE_HELP)
+    nyuv2_source: str = param("builtin", help=SOURCE_HELP)
+    download_attempts: int = param(5, min=1, max=100, help="consecutive failures without progress before giving up")
+    download_base_delay: float = param(2.0, min=0.0, max=600.0, help="first retry wait in seconds; doubles")
+    download_timeout: float = param(60.0, min=1.0, max=3600.0, help="seconds without data before a read fails")
+    keep_downloads: bool = param(True, help="keep data/downloads/<archive> after a successful extraction")
+    world: WorldSpec = param(WorldSpec(), help="the embedded tiny world, used where a source is builtin")
+
+
+def _sources(params: Params) -> dict[str, str]:
+    return {name: getattr(params, f"{name}_source") for name in DATASETS}
+
+
+def run(params: Params, ctx: StageContext) -> None:
+    start = time.monotonic()
+    sources = _sources(params)
+    builtin = [name for name, src in sources.items() if src == "builtin"]
+    retry = RetryPolicy(attempts=params.download_attempts, base_delay=params.download_base_delay,
+                        timeout=params.download_timeout)
+    raw, downloads = ctx.root / RAW, ctx.root / DOWNLOADS
+    downloads.mkdir(parents=True, exist_ok=True)
+    metrics: dict = {"datasets": {}}
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".builtin.") as world_dir, atomic_dir(raw) as out:
+        if builtin:
+            ctx.log.info("generating the embedded tiny world (seed %d) for %s", ctx.base.seed, ", ".join(builtin))
+            summary = generate(Path(world_dir), params.world, ctx.base.seed, log=ctx.log)
+            metrics["world"] = {k: v for k, v in summary.items() if k in DATASETS}
+            _write_index(Path(world_dir) / INDEX, out / INDEX, builtin)
+        for name, source in sources.items():
+            where = world_dir if source == "builtin" else source
+            report = _fetch_one(name, where, out / name, downloads, retry, params.keep_downloads, ctx)
+            metrics["datasets"][name] = _report_metrics(report, source)
+    metrics["seconds"] = round(time.monotonic() - start, 2)
+    atomic_write_json(ctx.root / METRICS, metrics)
+
+
+def _fetch_one(name, source, dest, downloads, retry, keep, ctx):
+    try:
+        return fetch_dataset(name, str(source), dest, downloads, log=ctx.log, retry=retry, keep_downloads=keep)
+    except (FileNotFoundError, ChecksumError, UnsafeArchiveError, DownloadError) as e:
+        raise StageError(f"fetch {name} from {source!r} failed: {e}") from e
+
+
+def _write_index(src: Path, dst: Path, builtin: list[str]) -> None:
+    """Keep the world index entries of the data sets that really come from the tiny world."""
+    index = json.loads(src.read_text())
+    keep = tuple(_INDEX_PREFIX[name] for name in builtin)
+    atomic_write_json(dst, {path: entry for path, entry in index.items() if path.startswith(keep)})
+
+
+def _report_metrics(report, source: str) -> dict:
+    """Numbers for `dvc metrics diff`, plus the source kind (the path itself is in params)."""
+    return {
+        "source": "builtin" if source == "builtin" else "external",
+        "files": report.files,
+        "bytes": report.bytes,
+        "images": report.images,
+        "images_expected": report.images_expected,
+        "archives_verified": len(report.verified),
+        "warnings": len(report.warnings),
+    }
