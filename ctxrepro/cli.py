@@ -14,6 +14,9 @@ import typer
 
 from ctxrepro.config import BaseParams, ParamsError
 from ctxrepro.docker import docker_app
+from ctxrepro.metrics.normals import normals_command
+from ctxrepro.metrics.purity import purity_command
+from ctxrepro.metrics.voc import voc_command
 from ctxrepro.stage import StageError, available_stages, run_stage, stage_help
 
 app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a DVC pipeline.",
@@ -21,6 +24,12 @@ app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a 
 stage_app = typer.Typer(help="Run one DVC stage by hand (what `dvc repro` calls).", no_args_is_help=True)
 app.add_typer(stage_app, name="stage")
 app.add_typer(docker_app, name="docker")
+eval_app = typer.Typer(help="Evaluate results files with the protocols other projects use (VOC AP, normals, purity).",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+eval_app.command("voc")(voc_command)
+eval_app.command("normals")(normals_command)
+eval_app.command("purity-coverage")(purity_command)
 
 PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", help="params file to read")
 SET_OPT = typer.Option(None, "--set", help="override section.key=value (YAML value), repeatable, like dvc exp run -S")
