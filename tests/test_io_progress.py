@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
+from ctxrepro.io import _umask, atomic_dir, atomic_write_json, atomic_write_text
 from ctxrepro.progress import track
 
 
@@ -18,6 +18,7 @@ def test_atomic_write_json_is_sorted_and_leaves_no_temp(tmp_path):
     assert path.read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
     assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
 
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path):
