@@ -1,0 +1,249 @@
+"""Resizing ImageNet for the pretext task: "we resize each image to between 150K and 450K total pixels,
+preserving the aspect-ratio" (paper section 3, Implementation Details).
+
+One image at a time (`process_image`): the target pixel count is drawn uniformly from
+[min_pixels, max_pixels] by an RNG seeded from the base seed and the image's relative path (sha256, never
+Python's salted hash()), so a result never depends on order, worker count or shard. Images are scaled both
+ways, as the paper does: ImageNet's typical 500x375 (187.5K pixels) lies near the bottom of the range, so
+most images grow; never upscaling would shift the paper's scale distribution. An image whose resized
+short side cannot hold a 2x2 grid of patches with their gap (2 * patch + gap pixels; 240 in the paper)
+is skipped as too small: the patch sampler (ctxrepro.patches) needs exactly that much. (The released
+code, cdoersch/deepcontext, also enlarges every image and skips after resizing, with a 7-px jitter margin
+that our sampler does not need because it clamps the jitter.) Optionally (`max_upscale`, off in the
+paper profile), thumbnails that would have to be enlarged more than that factor are skipped as too small.
+
+Speed: JPEG draft mode decodes at 1/2..1/8 scale when the image shrinks at least `reducing_gap` x 2
+times; OpenCV resamples (bicubic to enlarge, supersampling to shrink; see `resample`), and libjpeg-turbo
+(PIL's backend) decodes and encodes. The whole-run orchestration (walk, processes,
+resume, shards, manifest) is in ctxrepro.data.resize_run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ctxrepro.data.images import JunkImage, decode_rgb, draft_size, open_jpeg
+
+# Written into the params stamp: change it whenever the pixels an unchanged config produces change.
+ALGORITHM = "v1: pil draft(reducing_gap) + cv2 bicubic up / bicubic-to-k-times + k x k area down + pil jpeg 4:2:0"
+JPEG_EOI = b"\xff\xd9"
+
+
+def check_pixel_range(min_pixels: int, max_pixels: int, min_side: int) -> None:
+    """Refuse a range that `target_size` cannot honour for every image that is not too small.
+
+    Rounding the sides moves the pixel count by about one side length; an image that is not too small
+    has a long side of at most max_pixels / min_side, so the range must be at least that wide.
+    """
+    if not 0 < min_pixels < max_pixels:
+        raise ValueError(f"need 0 < min_pixels < max_pixels, got min_pixels={min_pixels}, "
+                         f"max_pixels={max_pixels}")
+    if max_pixels - min_pixels < max_pixels / max(min_side, 1):
+        raise ValueError(f"max_pixels - min_pixels = {max_pixels - min_pixels} is narrower than the longest "
+                         f"side an image may have ({max_pixels / min_side:.0f} px); widen the range")
+
+
+@dataclass(frozen=True)
+class ResizeConfig:
+    """Everything that decides the bytes of one output image (defaults: the paper, section 3)."""
+
+    min_pixels: int = 150_000  # section 3: "between 150K and 450K total pixels"
+    max_pixels: int = 450_000
+    quality: int = 90  # not in the paper; high enough that JPEG artefacts stay below the patch noise
+    patch: int = 96  # section 3: 96x96 patches
+    gap: int = 48  # section 3: a gap of 48 pixels between grid patches
+    seed: int = 0
+    max_upscale: float = 0.0  # 0: enlarge any image, as the released code does; else skip larger enlargements
+    reducing_gap: float = 2.0  # PIL thumbnail's default: DCT-scale only to >= 2x the target
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        if self.patch < 1 or self.gap < 0:
+            raise ValueError(f"need patch >= 1 and gap >= 0, got patch={self.patch}, gap={self.gap}")
+        if self.max_upscale != 0 and self.max_upscale < 1:
+            raise ValueError(f"max_upscale must be 0 (no limit) or >= 1, got {self.max_upscale}")
+        if self.reducing_gap < 1.0:
+            raise ValueError(f"reducing_gap must be >= 1, got {self.reducing_gap}")
+        check_pixel_range(self.min_pixels, self.max_pixels, self.min_side)
+
+    @property
+    def min_side(self) -> int:
+        """The short side a 2x2 patch grid needs: two patches and one gap."""
+        return 2 * self.patch + self.gap
+
+
+def stable_int(*parts: str) -> int:
+    """A 64-bit integer from sha256 of the parts: the same on every machine, process and run."""
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard (0..shards-1) that owns the image with relative path `key`; independent of the seed."""
+    return stable_int("resize-shard", key) % shards
+
+
+def draw_pixels(seed: int, key: str, min_pixels: int, max_pixels: int) -> float:
+    """The image's target pixel count, uniform in [min_pixels, max_pixels], from its own seeded RNG."""
+    rng = np.random.default_rng(stable_int("resize-pixels", str(seed), key))
+    return float(rng.uniform(min_pixels, max_pixels))
+
+
+def _aspect_error(w: int, h: int, aspect: float) -> float:
+    return abs(math.log(w / h) - math.log(aspect))
+
+
+def target_size(width: int, height: int, pixels: float, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Integer (w, h) with the aspect of width x height and about `pixels` pixels, w * h in the bounds.
+
+    Each side is rounded; if that leaves the count outside [min_pixels, max_pixels], one side at a time
+    grows (or shrinks) by a pixel, choosing the side that keeps the aspect closer. Bounds always hold
+    when the range is wider than the longer side (`check_pixel_range` ensures it for images that are
+    not too small).
+    """
+    aspect = width / height
+    scale = math.sqrt(pixels / (width * height))
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    while w * h < min_pixels:
+        w, h = min([(w + 1, h), (w, h + 1)], key=lambda s: _aspect_error(*s, aspect))
+    while w * h > max_pixels and (w > 1 or h > 1):
+        options = [s for s in [(w - 1, h), (w, h - 1)] if min(s) >= 1]
+        w, h = min(options, key=lambda s: _aspect_error(*s, aspect))
+    return w, h
+
+
+def plan_size(width: int, height: int, key: str, cfg: ResizeConfig) -> tuple[int, int]:
+    """The output size of the image `key` (its path relative to the data set root) of width x height."""
+    pixels = draw_pixels(cfg.seed, key, cfg.min_pixels, cfg.max_pixels)
+    return target_size(width, height, pixels, cfg.min_pixels, cfg.max_pixels)
+
+
+def resample(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 array to size (w, h): bicubic to enlarge, supersampling to shrink.
+
+    Shrinking by a factor f: bicubic to k = ceil(f) times the target (an enlargement or identity, so
+    nothing aliases), then the mean of each k x k block. That is an anti-aliasing filter at any ratio,
+    closer to PIL's Lanczos than OpenCV's INTER_AREA is (bench/README.md) and about twice as fast as it:
+    OpenCV averages integer ratios on a fast path and non-integer ones on a slow general path.
+    """
+    h, w = rgb.shape[:2]
+    tw, th = size
+    if (w, h) == (tw, th):
+        return rgb
+    if tw > w or th > h:  # the aspect is kept, so both sides grow (one may stay equal after rounding)
+        return cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_CUBIC)
+    k = math.ceil(max(w / tw, h / th))
+    fine = cv2.resize(rgb, (tw * k, th * k), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(fine, (tw, th), interpolation=cv2.INTER_AREA)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    """Baseline JPEG, 4:2:0 chroma, no metadata: the same pixels always give the same bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False,
+                                     progressive=False)
+    return buf.getvalue()
+
+
+def is_complete(path: Path, size: tuple[int, int]) -> bool:
+    """True if `path` is a whole JPEG of `size` (header parses, end-of-image marker present).
+
+    Outputs are renamed into place only when written, so a partial file is unexpected; the check also
+    catches a file damaged since (e.g. by a crash before the page cache reached the disk).
+    """
+    try:
+        with open(path, "rb") as f:
+            with Image.open(f, formats=("JPEG",)) as im:
+                if im.size != tuple(size):
+                    return False
+            f.seek(-2, os.SEEK_END)
+            return f.read(2) == JPEG_EOI
+    except (OSError, SyntaxError, ValueError):  # absent, unreadable or not a JPEG: (re)write it
+        return False
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write `data` to a fresh file in `tmp_dir` (same file system), then rename it onto `path`.
+
+    A killed run leaves at most stray files in `tmp_dir`, which the next run deletes before it starts.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".jpg")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One source image: `key` is its path under the data set root (e.g. train/n01440764/x.JPEG),
+    `path` its output path under the output root (train/n01440764/x.jpg)."""
+
+    split: str
+    key: str
+    path: str
+    source: str  # relative to the raw data root, e.g. imagenet/train/n01440764/x.JPEG
+    duplicate: bool = False  # another source file in the folder maps onto the same output name
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one image: written (now), reused (complete from an earlier run) or skipped."""
+
+    task: Task
+    status: str
+    orig_size: tuple[int, int] | None = None
+    size: tuple[int, int] | None = None
+    converted_from: str | None = None
+    reason: str = ""
+    detail: str = ""
+
+
+def _check_and_plan(im: Image.Image, task: Task, cfg: ResizeConfig) -> tuple[int, int]:
+    if min(im.size) < 1:
+        raise JunkImage("corrupt", f"the header gives an empty image ({im.size[0]}x{im.size[1]})")
+    size = plan_size(im.size[0], im.size[1], task.key, cfg)
+    if min(size) < cfg.min_side:
+        raise JunkImage("too_small", f"{im.size[0]}x{im.size[1]} resizes to {size[0]}x{size[1]}; a 2x2 grid "
+                                     f"needs {cfg.min_side} px per side")
+    if cfg.max_upscale and size[0] > cfg.max_upscale * im.size[0]:
+        raise JunkImage("too_small", f"{im.size[0]}x{im.size[1]} would be enlarged {size[0] / im.size[0]:.2f}x to "
+                                     f"{size[0]}x{size[1]}; max_upscale is {cfg.max_upscale:g}")
+    return size
+
+
+def process_image(task: Task, cfg: ResizeConfig, raw_root: Path, out_root: Path, tmp_dir: Path) -> Outcome:
+    """Resize one image into out_root/task.path, or reuse a complete earlier output, or skip it as junk.
+
+    Junk is reported in the Outcome; failures to write outputs (a full disk) raise and stop the run.
+    """
+    if task.duplicate:
+        return Outcome(task, "skipped", reason="duplicate_name", detail=f"another file maps onto {task.path}")
+    try:
+        fp = open(raw_root / task.source, "rb")
+    except OSError as e:
+        return Outcome(task, "skipped", reason="unreadable", detail=f"{type(e).__name__}: {e.strerror}")
+    with fp:
+        try:
+            im = open_jpeg(fp)
+            orig = im.size
+            size = _check_and_plan(im, task, cfg)
+            out = out_root / task.path
+            if is_complete(out, size):
+                return Outcome(task, "reused", orig, size, None if im.mode == "RGB" else im.mode)
+            decoded = decode_rgb(im, draft_size(orig, size, cfg.reducing_gap))
+        except JunkImage as e:
+            return Outcome(task, "skipped", reason=e.reason, detail=e.detail)
+    write_atomic(out, encode_jpeg(resample(decoded.rgb, size), cfg.quality), tmp_dir)
+    return Outcome(task, "written", orig, size, decoded.converted_from)
