@@ -1,0 +1,138 @@
+"""NYUv2 data for the surface-normal experiment (paper section 4.4; DATA.md "NYUv2 surface normals").
+
+Ground truth, from the first source available (the issue's order):
+1. the FAIR benchmark's `surfacenormal_metadata/all_normals.pklz` (normals and valid-depth masks, courtesy
+   of Ladicky et al. 2014) with its `vocab40.mat` codebook;
+2. normals computed from the sensor's depth (`rawDepths`) by local plane fitting
+   (`ctxrepro.depth_normals`), valid where the sensor measured depth and the fit had enough points.
+
+Training targets live on the trunk's coarse output grid: each grid cell averages the valid ground-truth
+normals of the image region it tiles (area weights), renormalised; a cell is a target only where at least
+`min_valid` of its area has ground truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from ctxrepro.data.nyu import NyuLabeled, load_normals, read_splits
+from ctxrepro.depth_normals import PlaneFit, normals_from_depth
+from ctxrepro.normals import TrainSet
+from ctxrepro.progress import track
+
+LABELED = "nyu_depth_v2_labeled.mat"
+SPLITS = "splits.mat"
+NORMALS_PKLZ = "surfacenormal_metadata/all_normals.pklz"
+VOCAB = "surfacenormal_metadata/vocab40.mat"
+GT_SOURCES = ("auto", "fair", "depth")
+
+GroundTruth = Callable[[int], tuple[np.ndarray, np.ndarray]]  # NYU index -> (normals (H, W, 3), valid (H, W))
+
+
+class FairGroundTruth:
+    """The FAIR pickle's normals and valid masks (held in memory: the pickle cannot be read in parts)."""
+
+    def __init__(self, path: Path, expected: int):
+        data = load_normals(path)
+        self.normals, self.valid = data["all_normals"], np.asarray(data["all_valid_depth_masks"])
+        if len(self.normals) != expected or self.valid.shape != self.normals.shape[:3]:
+            raise ValueError(f"{path}: all_normals {self.normals.shape} and all_valid_depth_masks "
+                             f"{self.valid.shape} do not match the {expected} images of {LABELED}")
+
+    def __call__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        n = np.asarray(self.normals[i], dtype=np.float32)
+        return n, self.valid[i].astype(bool) & np.any(n != 0, axis=-1)
+
+
+class DepthGroundTruth:
+    """Normals fitted to the sensor's depth of each image (`ctxrepro.depth_normals`), computed on demand."""
+
+    def __init__(self, nyu: NyuLabeled, fit: PlaneFit):
+        self.nyu, self.fit = nyu, fit
+
+    def __call__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return normals_from_depth(self.nyu.raw_depth(i), fit=self.fit)
+
+
+def open_nyu(nyu_dir: Path) -> tuple[NyuLabeled, np.ndarray, np.ndarray]:
+    """The labeled set and its 0-based (train, test) indices; a missing file is named with the fix."""
+    for name in (LABELED, SPLITS):
+        if not (nyu_dir / name).is_file():
+            raise FileNotFoundError(f"{nyu_dir / name} not found: run the fetch stage (fetch.nyuv2_source)")
+    nyu = NyuLabeled(nyu_dir / LABELED)
+    train, test = read_splits(nyu_dir / SPLITS)
+    top = int(max(train.max(initial=-1), test.max(initial=-1)))
+    if top >= len(nyu):
+        raise ValueError(f"{nyu_dir / SPLITS}: index {top + 1} (1-based) beyond the {len(nyu)} images of {LABELED}")
+    return nyu, train, test
+
+
+def ground_truth(nyu_dir: Path, source: str, nyu: NyuLabeled, fit: PlaneFit) -> tuple[GroundTruth, str]:
+    """(provider, "fair" | "depth") for `source` in GT_SOURCES; auto = fair when its pickle exists."""
+    if source not in GT_SOURCES:
+        raise ValueError(f"ground truth source {source!r} is not one of {GT_SOURCES}")
+    pklz = nyu_dir / NORMALS_PKLZ
+    if source == "fair" and not pklz.is_file():
+        raise FileNotFoundError(f"{pklz} not found: fetch nyuv2 with nyuv2_surfacenormal_metadata.zip, or use "
+                                f"normals.gt_source=depth")
+    if source == "fair" or (source == "auto" and pklz.is_file()):
+        return FairGroundTruth(pklz, len(nyu)), "fair"
+    return DepthGroundTruth(nyu, fit), "depth"
+
+
+def vocab_path(nyu_dir: Path) -> Path:
+    return nyu_dir / VOCAB
+
+
+def coarse_targets(normals: np.ndarray, valid: np.ndarray, size: tuple[int, int],
+                   min_valid: float) -> tuple[np.ndarray, np.ndarray]:
+    """(h, w, 3) float32 unit normals and (h, w) bool targets on a coarse grid of `size` = (h, w)."""
+    h, w = size
+    weight = valid.astype(np.float32)
+    total = cv2.resize(normals.astype(np.float32) * weight[..., None], (w, h), interpolation=cv2.INTER_AREA)
+    frac = cv2.resize(weight, (w, h), interpolation=cv2.INTER_AREA)
+    norm = np.linalg.norm(total, axis=-1)
+    # a cell whose valid normals cancel out (a thin edge between opposite faces) has no usable mean
+    ok = (frac >= min_valid) & (norm > 1e-3 * np.maximum(frac, 1e-12))
+    out = np.where(ok[..., None], total / np.maximum(norm, 1e-12)[..., None], 0.0).astype(np.float32)
+    return out, ok
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (480, 640, 3) -> (H, W, 3) by area averaging (anti-aliased)."""
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+
+
+def load_train(nyu: NyuLabeled, gt: GroundTruth, indices: np.ndarray, input_size: tuple[int, int],
+               grid: tuple[int, int], min_valid: float, samples_per_image: int, seed: int,
+               log: logging.Logger) -> tuple[TrainSet, np.ndarray]:
+    """The training set at the input size with coarse targets, and a sample of valid full-resolution
+    normals (up to `samples_per_image` per image, drawn from `seed`) for the k-means codebook."""
+    n = len(indices)
+    images = np.zeros((n, *input_size, 3), np.uint8)
+    normals = np.zeros((n, *grid, 3), np.float32)
+    valid = np.zeros((n, *grid), bool)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for k, i in enumerate(track(indices, desc="normals: training images", unit="img", log=log)):
+        images[k] = resize_image(nyu.image(int(i)), input_size)
+        full, ok = gt(int(i))
+        normals[k], valid[k] = coarse_targets(full, ok, grid, min_valid)
+        pix = full[ok]
+        samples.append(pix[rng.choice(len(pix), size=min(len(pix), samples_per_image), replace=False)])
+    return TrainSet(images, normals, valid), np.concatenate(samples).astype(np.float64)
+
+
+def load_images(nyu: NyuLabeled, indices: np.ndarray, input_size: tuple[int, int],
+                log: logging.Logger) -> np.ndarray:
+    """uint8 (N, H, W, 3) images at the input size (the test split's network inputs)."""
+    out = np.zeros((len(indices), *input_size, 3), np.uint8)
+    for k, i in enumerate(track(indices, desc="normals: test images", unit="img", log=log)):
+        out[k] = resize_image(nyu.image(int(i)), input_size)
+    return out
+
