@@ -1,0 +1,88 @@
+"""Resumable training state: atomic checkpoints holding everything a bit-identical resume needs (issue 5).
+
+A checkpoint holds the model, the optimizer, the AMP grad scaler (if any), every RNG state (torch, CUDA,
+numpy, Python), the data sampler's position (the next step: batches are a pure function of seed and
+step, see `pretext_data`), the step, the log history and the resolved training config. It is written
+to a temporary file beside its path and renamed into place, so a run killed at any moment (SIGKILL
+included) leaves either the previous checkpoint or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Config keys that may change between a checkpoint and its resume: they set the budget, the logging
+# and the speed of a run, not its trajectory (compile changes kernels, not the maths).
+RESUMABLE_KEYS = frozenset({"steps", "max_seconds", "checkpoint_every", "log_every", "workers",
+                            "heldout_images", "compile"})
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose training config differs from the run that wants to resume it."""
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in `path`'s directory, fsync, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every global RNG state of this process, as tensors and plain values (loadable weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at `path`, or None when there is none."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({e}); delete it to start afresh") from e
+
+
+def check_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Raise when anything but the budget/logging keys differs (names every difference)."""
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_KEYS)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} != now {current.get(k)!r}" for k in keys
+             if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointMismatch(f"checkpoint {path} was trained with other params ({'; '.join(diffs)}); "
+                                 f"its state is not resumed")

@@ -1,0 +1,325 @@
+"""The pretext task's data path: images -> jittered grids -> one batch of patches and pairs (section 3).
+
+Section 3 ("Implementation Details") samples patches on a grid so that each patch takes part in up to 8
+pairs; METHOD.md adds the released code's batch rule: several grids per image (4), at most 512 patches
+per batch, a pair count that varies. This module turns the resized images (the `resize` stage's
+manifest) into such batches:
+
+- A training batch is a pure function of (seed, rank, step): step s draws its images (with
+  replacement, from this rank's disjoint shard) and its grids from a torch.Generator seeded by
+  `derive_seed(seed, DATA, rank, s)`. Resuming at step k is therefore "start the sampler at k": no
+  consumed batch is replayed, and the stream does not depend on the number of DataLoader workers.
+- Grids are planned from the manifest's image sizes before any decoding; images are decoded once
+  (in a DataLoader worker, or on the training device) and all their patches are cut in one tensor
+  gather (`patches.cut_patches`).
+- Pairs of all grids are concatenated with their indices OFFSET by the patches before them
+  (`patches.batch_pairs`): the work is per grid, never per pair.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from ctxrepro.patches import MODES, batch_pairs, cut_patches_batch, grid_origin_range, sample_grid
+
+# Purposes of derived seeds: one base seed, a different stream per purpose (STYLE.md rule 7).
+DATA, AUGMENT, HELDOUT, INIT, LOADER = 1, 2, 3, 4, 5
+MANIFEST_COLUMNS = ("split", "path", "source", "orig_width", "orig_height", "width", "height")
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (base seed, purpose, rank, step...), never from Python's hash()."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator on `device` seeded by `derive_seed(*keys)`."""
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(*keys))
+    return g
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Geometry and batch rule (METHOD.md "Pretext task"; paper values as defaults)."""
+
+    patch: int = 96  # section 3: 96x96 patches
+    gap: int = 48  # section 3: 48 px gap, pitch 144
+    jitter: int = 7  # section 3: +-7 px per axis
+    grids_per_image: int = 4  # released code: 4 grids per image
+    max_patches: int = 512  # released code: at most 512 patches per batch
+    yoked: bool = False  # Mundhenk et al. 2018 (off in the paper)
+    mode: str = "grid"  # "center8": MMSelfSup's layout, for comparison runs
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"BatchSpec.mode={self.mode!r} is not one of {MODES}")
+        if self.grids_per_image < 1 or self.max_patches < 1:
+            raise ValueError(f"BatchSpec: grids_per_image={self.grids_per_image} and "
+                             f"max_patches={self.max_patches} must be >= 1")
+
+    def fits(self, height: int, width: int) -> bool:
+        """Whether the smallest grid (2x2, or 3x3 in center8 mode) fits an image of this size."""
+        cells = 3 if self.mode == "center8" else 2
+        return min(grid_origin_range(height, self.patch, self.gap, cells),
+                   grid_origin_range(width, self.patch, self.gap, cells)) >= 0
+
+
+@dataclass(frozen=True)
+class ImageTable:
+    """Images of one split as flat arrays (cheap to share with DataLoader workers).
+
+    `paths` are relative to `root`; `groups[i]` indexes `group_names` (the tiny world's image kinds, or
+    a single "all" group).
+    """
+
+    root: Path
+    paths: np.ndarray  # bytes, relative to root
+    heights: np.ndarray  # int64
+    widths: np.ndarray  # int64
+    groups: np.ndarray  # int64
+    group_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: np.ndarray) -> "ImageTable":
+        return ImageTable(self.root, self.paths[index], self.heights[index], self.widths[index],
+                          self.groups[index], self.group_names)
+
+    def shard(self, rank: int, world: int) -> "ImageTable":
+        """Disjoint, covering shards: rank r keeps images r, r + world, ... (sorted order)."""
+        return self.subset(np.arange(rank, len(self), world))
+
+    def path(self, i: int) -> Path:
+        return self.root / self.paths[i].decode()
+
+
+def read_manifest(manifest: Path, split: str) -> list[dict[str, str]]:
+    """Rows of `split` from the resize stage's manifest.csv, sorted by path."""
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: run `dvc repro resize` (or `ctxrepro stage resize`)")
+    with manifest.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{manifest}: missing column(s) {missing}; expected {','.join(MANIFEST_COLUMNS)}")
+        rows = [r for r in reader if r["split"] == split]
+    return sorted(rows, key=lambda r: r["path"])
+
+
+def load_kinds(world_index: Path) -> dict[str, str]:
+    """{source path (relative to data/raw): kind} from the tiny world's world_index.json."""
+    images = json.loads(world_index.read_text())
+    if not isinstance(images, dict):
+        raise ValueError(f"{world_index}: expected a mapping of source path -> {{'kind': ...}}")
+    kinds = {}
+    for source, entry in images.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str):
+            raise ValueError(f"{world_index}: entry {source!r} has no string 'kind'")
+        kinds[source] = entry["kind"]
+    return kinds
+
+
+def load_table(manifest: Path, split: str, kinds: dict[str, str] | None = None) -> ImageTable:
+    """The `split` images of a manifest; with `kinds`, each image's group is its world kind."""
+    rows = read_manifest(manifest, split)
+    if not rows:
+        raise ValueError(f"{manifest}: no images in split {split!r}")
+    names = tuple(sorted({kinds.get(r["source"], "unknown") for r in rows})) if kinds else ("all",)
+    group_of = {n: i for i, n in enumerate(names)}
+    try:
+        heights = np.array([int(r["height"]) for r in rows], dtype=np.int64)
+        widths = np.array([int(r["width"]) for r in rows], dtype=np.int64)
+    except ValueError as e:
+        raise ValueError(f"{manifest}: a width/height is not an integer ({e})") from e
+    groups = np.array([group_of[kinds.get(r["source"], "unknown")] if kinds else 0 for r in rows],
+                      dtype=np.int64)
+    paths = np.array([r["path"].encode() for r in rows])
+    return ImageTable(manifest.parent, paths, heights, widths, groups, names)
+
+
+def usable(table: ImageTable, spec: BatchSpec) -> tuple[ImageTable, int]:
+    """Images large enough for the smallest grid, and how many were too small (section 3: skipped)."""
+    keep = np.array([spec.fits(int(h), int(w)) for h, w in zip(table.heights, table.widths)], dtype=bool)
+    return table.subset(np.flatnonzero(keep)), int((~keep).sum())
+
+
+# A plan: [(image index, [(boxes, pairs, labels) per grid])], decided from image sizes alone.
+Grid = tuple[Tensor, Tensor, Tensor]
+Plan = list[tuple[int, list[Grid]]]
+
+
+def image_grids(height: int, width: int, spec: BatchSpec, g: torch.Generator) -> list[Grid]:
+    """`grids_per_image` independent grids of one image (empty grids dropped)."""
+    grids = [sample_grid(height, width, g, spec.patch, spec.gap, spec.jitter, yoked=spec.yoked, mode=spec.mode)
+             for _ in range(spec.grids_per_image)]
+    return [grid for grid in grids if len(grid[0])]
+
+
+def plan_step(table: ImageTable, spec: BatchSpec, g: torch.Generator) -> Plan:
+    """Draw images and grids until the next grid would pass `max_patches` (the batch is then full)."""
+    plan: Plan = []
+    total = 0
+    while True:
+        i = int(torch.randint(len(table), (1,), generator=g))
+        grids = image_grids(int(table.heights[i]), int(table.widths[i]), spec, g)
+        if not grids:
+            raise ValueError(f"{table.path(i)} ({table.widths[i]}x{table.heights[i]}) is too small for a grid "
+                             f"of {spec.patch} px patches; filter the table with `usable` first")
+        taken = []
+        for grid in grids:
+            if total + len(grid[0]) > spec.max_patches:
+                break
+            taken.append(grid)
+            total += len(grid[0])
+        if taken:
+            plan.append((i, taken))
+        if len(taken) < len(grids):
+            break
+    if not plan:
+        raise ValueError(f"one grid of {table.path(i)} has {len(grids[0][0])} patches, more than "
+                         f"max_patches={spec.max_patches}: raise max_patches or the patch size")
+    return plan
+
+
+def heldout_plans(table: ImageTable, spec: BatchSpec, seed: int, n_images: int) -> list[Plan]:
+    """A fixed evaluation set: `n_images` images (seeded choice), fixed grids, packed into batches."""
+    order = torch.randperm(len(table), generator=generator(seed, HELDOUT))[:n_images].tolist()
+    plans: list[Plan] = [[]]
+    total = 0
+    for i in order:
+        g = generator(seed, HELDOUT, i)
+        for grid in image_grids(int(table.heights[i]), int(table.widths[i]), spec, g):
+            n = len(grid[0])
+            if n > spec.max_patches:
+                raise ValueError(f"one grid of {table.path(i)} has {n} patches > max_patches={spec.max_patches}")
+            if total + n > spec.max_patches:
+                plans.append([])
+                total = 0
+            if not plans[-1] or plans[-1][-1][0] != i:
+                plans[-1].append((i, []))
+            plans[-1][-1][1].append(grid)
+            total += n
+    return [p for p in plans if p]
+
+
+def read_jpeg(table: ImageTable, i: int) -> Tensor:
+    """The file's bytes as a uint8 tensor (for decode_jpeg on any device)."""
+    path = table.path(i)
+    try:
+        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    except OSError as e:
+        raise OSError(f"cannot read {path}: {e}") from e
+
+
+def decode_images(table: ImageTable, ids: list[int], data: list[Tensor], device: str | torch.device) -> list[Tensor]:
+    """Decode JPEG bytes to (3, H, W) uint8 RGB on `device`; sizes must match the manifest."""
+    try:
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as e:
+        names = ", ".join(str(table.path(i)) for i in ids)
+        raise ValueError(f"cannot decode one of {names}: {e}") from e
+    for i, im in zip(ids, images):
+        if tuple(im.shape[1:]) != (int(table.heights[i]), int(table.widths[i])):
+            raise ValueError(f"{table.path(i)} is {im.shape[2]}x{im.shape[1]} but the manifest says "
+                             f"{table.widths[i]}x{table.heights[i]}: rerun the resize stage")
+    return images
+
+
+def assemble(images: list[Tensor], plan: Plan, patch: int) -> dict[str, Tensor]:
+    """Cut every planned patch and concatenate the grids' pairs with offset indices."""
+    grids = [grid for _, image_grids_ in plan for grid in image_grids_]
+    boxes = [torch.cat([b for b, _, _ in gs]) for _, gs in plan]
+    counts = [len(b) for b, _, _ in grids]
+    pair_counts = torch.tensor([sum(len(p) for _, p, _ in gs) for _, gs in plan])
+    return {
+        "patches": cut_patches_batch(images, boxes, patch),
+        "pairs": batch_pairs([p for _, p, _ in grids], counts),
+        "labels": torch.cat([lab for _, _, lab in grids]),
+        "pair_image": torch.repeat_interleave(torch.arange(len(plan)), pair_counts),
+    }
+
+
+def load_plan(table: ImageTable, plan: Plan, patch: int, decode_device: str | None = "cpu") -> dict:
+    """Read (and with a `decode_device`, decode and cut) a plan's images.
+
+    With decode_device=None the batch carries the JPEG bytes and the plan, for `finish_batch` to decode
+    on the training device (torchvision's GPU decoder).
+    """
+    ids = [i for i, _ in plan]
+    data = [read_jpeg(table, i) for i in ids]
+    batch: dict = {"images": torch.tensor(ids, dtype=torch.int64)}
+    if decode_device is None:
+        batch.update(jpegs=data, plan=plan)
+    else:
+        batch.update(assemble(decode_images(table, ids, data, decode_device), plan, patch))
+    return batch
+
+
+def finish_batch(batch: dict, table: ImageTable, patch: int, device: str | torch.device) -> dict:
+    """Move a batch to `device`; decode there first if it still holds JPEG bytes."""
+    if "jpegs" in batch:
+        ids = batch["images"].tolist()
+        out = assemble(decode_images(table, ids, batch["jpegs"], device), batch["plan"], patch)
+        out["images"] = batch["images"]
+    else:
+        out = {k: batch[k] for k in ("patches", "pairs", "labels", "pair_image", "images")}
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+class StepBatches(Dataset):
+    """Map-style dataset whose item `s` is the whole batch of training step `s` for one rank.
+
+    `transform(patches, step)`, if given, replaces the uint8 patches by the network input where the batch
+    is made: training on the CPU uses it to preprocess in the workers, off the training process's
+    critical path (the same generator and ops as on the device, so the same numbers).
+    """
+
+    def __init__(self, table: ImageTable, spec: BatchSpec, seed: int, rank: int, steps: int,
+                 decode_in_worker: bool = True, transform: Callable[[Tensor, int], Tensor] | None = None):
+        if len(table) == 0:
+            raise ValueError("StepBatches: no usable training images")
+        if transform is not None and not decode_in_worker:
+            raise ValueError("StepBatches: a transform needs decoded patches (decode_in_worker=True)")
+        self.table, self.spec, self.seed, self.rank, self.steps = table, spec, seed, rank, steps
+        self.decode_in_worker, self.transform = decode_in_worker, transform
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def plan(self, step: int) -> Plan:
+        return plan_step(self.table, self.spec, generator(self.seed, DATA, self.rank, step))
+
+    def __getitem__(self, step: int) -> dict:
+        batch = load_plan(self.table, self.plan(step), self.spec.patch, "cpu" if self.decode_in_worker else None)
+        if self.transform is not None:
+            batch["patches"] = self.transform(batch["patches"], step)
+        batch["step"] = step
+        return batch
+
+
+def _worker_init(worker_id: int) -> None:
+    # Batches never read the global RNGs (every draw is step-seeded); one thread per worker keeps
+    # decode workers from oversubscribing the cores the training process needs.
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: StepBatches, start_step: int, workers: int, pin_memory: bool) -> Iterator[dict]:
+    """Batches for steps start_step.. in order; workers decode ahead (DataLoader, batch_size=None)."""
+    # Own generator: the DataLoader's per-worker base seed must not consume the global torch RNG.
+    return iter(DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
+                           num_workers=workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
+                           generator=generator(dataset.seed, LOADER, dataset.rank, start_step),
+                           prefetch_factor=4 if workers else None, persistent_workers=False))

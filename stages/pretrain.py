@@ -1,0 +1,144 @@
+"""Pretrain the context-prediction network on resized images (section 3, Figure 3): resumable, data-parallel."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+from ctxrepro import distributed as D
+from ctxrepro.checkpoint import CheckpointMismatch
+from ctxrepro.color import COLOR_MODES, PatchAugment
+from ctxrepro.config import param
+from ctxrepro.engine import OptimConfig, TrainConfig, TrainPaths, TrainingError, train
+from ctxrepro.io import atomic_write_json
+from ctxrepro.patches import MODES
+from ctxrepro.pretext_data import BatchSpec, ImageTable, load_kinds, load_table, usable
+from ctxrepro.stage import StageContext, StageError
+
+MANIFEST = Path("data/resized/manifest.csv")
+WORLD_INDEX = Path("data/raw/world_index.json")
+STATE = Path("models/pretrain_state/last.pt")
+EXPORT = Path("models/pretrain.pt")
+METRICS = Path("metrics/pretrain.json")
+LIVE_DIR = Path("dvclive/pretrain")
+
+
+@dataclass(frozen=True)
+class Params:
+    tower: str = param("alexnet", choices=("alexnet", "small", "vgg16"), help="per-patch tower (Figure 3)")
+    patch: int = param(96, min=8, help="patch side in px (section 3: 96)")
+    gap: int = param(48, min=0, help="gap between grid patches in px (section 3: 48)")
+    jitter: int = param(7, min=0, help="per-patch jitter in px per axis (section 3: 7)")
+    yoked: bool = param(False, help="one jitter offset per grid (Mundhenk et al. 2018; paper: off)")
+    grid_mode: str = param("grid", choices=MODES, help="grid = paper; center8 = MMSelfSup's 3x3 layout")
+    input_size: int = param(0, min=0, help="resize patches (area) to this side before the net; 0 = patch")
+    grids_per_image: int = param(4, min=1, help="grids sampled per image (released code: 4)")
+    max_patches: int = param(512, min=4, help="patches per batch at most (released code: 512)")
+    color: str = param("projection", choices=COLOR_MODES, help="section 3.1 colour handling")
+    downsample_prob: float = param(0.33, min=0.0, max=1.0, help="random downsampling probability (0.33)")
+    optimizer: str = param("sgd", choices=("sgd", "adam"), help="sgd = paper")
+    lr: float = param(1e-5, min=0.0, help="learning rate (released solver: 1e-5)")
+    momentum: float = param(0.999, min=0.0, max=0.9999, help="SGD momentum (section 3: 0.999)")
+    weight_decay: float = param(0.0, min=0.0, help="weight decay (released solver: 0)")
+    loss: str = param("sum", choices=("sum", "mean"), help="cross-entropy over pairs (released: sum)")
+    clip_grad: float = param(0.0, min=0.0, help="max gradient norm; 0 = off")
+    steps: int = param(1_700_000, min=1, help="training steps (released README: ~1.7M)")
+    max_seconds: float = param(0.0, min=0.0, help="training time budget over all resumes; 0 = none")
+    checkpoint_every: int = param(1000, min=1, help="steps between checkpoints")
+    log_every: int = param(100, min=1, help="steps between log rows (dvclive, console)")
+    nproc: int = param(1, min=1, max=64, help="processes to spawn (ignored under torchrun)")
+    amp: str = param("bf16", choices=("none", "bf16", "fp16"), help="autocast dtype on CUDA")
+    channels_last: bool = param(True, help="channels_last memory format on CUDA")
+    compile: bool = param(False, help="torch.compile the network")
+    heldout_images: int = param(500, min=1, help="val images for held-out pretext accuracy")
+    workers: int = param(4, min=0, max=64, help="DataLoader processes per rank (decode; on CPU also preprocess)")
+    decode: str = param("worker", choices=("worker", "device"), help="device = torchvision's GPU decoder (CUDA only)")
+
+
+def train_config(p: Params, seed: int) -> TrainConfig:
+    """The library's configuration from the params section (read once, at the edge)."""
+    return TrainConfig(
+        data=BatchSpec(p.patch, p.gap, p.jitter, p.grids_per_image, p.max_patches, p.yoked, p.grid_mode),
+        augment=PatchAugment.for_patch(p.patch, color=p.color, downsample_prob=p.downsample_prob),
+        optim=OptimConfig(p.optimizer, p.lr, p.momentum, p.weight_decay, p.loss, p.clip_grad),
+        tower=p.tower, input_size=p.input_size, seed=seed, steps=p.steps, max_seconds=p.max_seconds,
+        checkpoint_every=p.checkpoint_every, log_every=p.log_every, amp=p.amp, channels_last=p.channels_last,
+        compile=p.compile, heldout_images=p.heldout_images, workers=p.workers, decode=p.decode)
+
+
+def load_tables(root: Path, spec: BatchSpec, log: logging.Logger) -> tuple[ImageTable, ImageTable]:
+    """Train and val images large enough for a grid; the world index, when present, gives their kinds."""
+    index = root / WORLD_INDEX
+    kinds = load_kinds(index) if index.is_file() else None
+    tables = []
+    for split in ("train", "val"):
+        table, small = usable(load_table(root / MANIFEST, split, kinds), spec)
+        if small:
+            log.warning("%s: skipped %d %s images too small for a 2x2 grid of %d px patches",
+                        root / MANIFEST, small, split, spec.patch)
+        if len(table) == 0:
+            raise ValueError(f"{root / MANIFEST}: no {split} image holds a grid of {spec.patch} px patches")
+        tables.append(table)
+    return tables[0], tables[1]
+
+
+def _live_logger(root: Path):
+    from dvclive import Live
+
+    live = Live(str(root / LIVE_DIR), dvcyaml=False, save_dvc_exp=False)
+
+    def on_log(row: dict) -> None:
+        live.step = row["step"]
+        for key in ("loss", "accuracy", "pairs_per_second"):
+            live.log_metric(f"train/{key}", row[key])
+        live.next_step()
+
+    return live, on_log
+
+
+def _train_process(p: Params, seed: int, device: str, root: Path) -> None:
+    """One rank's work (also the whole job on one process)."""
+    info = D.env_info()
+    if not logging.getLogger().handlers:  # a spawned rank starts without the CLI's logging setup
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format=f"%(asctime)s %(levelname)s rank {info.rank} %(name)s: %(message)s")
+    log = logging.getLogger("ctxrepro.stage.pretrain")
+    cfg = train_config(p, seed)
+    try:
+        train_table, heldout = load_tables(root, cfg.data, log)
+    except (OSError, ValueError) as e:  # a missing or malformed manifest / world index: say which
+        raise StageError(str(e)) from e
+    device = D.init(info, device)
+    try:
+        live, on_log = _live_logger(root) if info.is_main else (None, None)
+        paths = TrainPaths(root / STATE, root / EXPORT)
+        metrics = train(cfg, train_table.shard(info.rank, info.world), heldout, paths, device, info, log, on_log)
+        if live is not None:
+            live.end()
+        if metrics is not None:
+            atomic_write_json(root / METRICS, metrics)
+            log.info("held-out pretext accuracy %.3f (chance %.3f) after %d steps",
+                     metrics["heldout_accuracy"], metrics["chance"], metrics["steps"])
+    except (TrainingError, CheckpointMismatch) as e:
+        raise StageError(str(e)) from e
+    finally:
+        D.shutdown()
+
+
+def run(params: Params, ctx: StageContext) -> None:
+    """One process, `nproc` spawned ranks, or this rank of a torchrun job (detected from RANK/WORLD_SIZE)."""
+    env = D.env_info()
+    if params.nproc > 1 and env.world == 1:
+        ctx.log.info("spawning %d ranks (%s)", params.nproc, ctx.device)
+        try:
+            D.spawn(params.nproc, _train_process, params, ctx.base.seed, ctx.device, ctx.root)
+        except (ProcessRaisedException, ProcessExitedException) as e:  # carries the rank's traceback
+            raise StageError(f"a pretrain rank failed: {e}") from e
+        return
+    if env.world > 1 and params.nproc not in (1, env.world):
+        ctx.log.warning("torchrun gave WORLD_SIZE=%d; pretrain.nproc=%d is ignored", env.world, params.nproc)
+    _train_process(params, ctx.base.seed, ctx.device, ctx.root)
