@@ -9,15 +9,15 @@ included) leaves either the previous checkpoint or the new one, never a torn fil
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ctxrepro.io import atomic_write
 
 # Config keys that may change between a checkpoint and its resume: they set the budget, the logging
 # and the speed of a run, not its trajectory (compile changes kernels, not the maths).
@@ -31,18 +31,7 @@ class CheckpointMismatch(ValueError):
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in `path`'s directory, fsync, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def capture_rng() -> dict[str, Any]:

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 
 def _umask() -> int:
@@ -17,15 +17,18 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it into place."""
+def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(f)` on a temporary file beside `path`, fsync it, then rename it into place.
+
+    On any error the temporary file is removed and an existing `path` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -33,6 +36,10 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
