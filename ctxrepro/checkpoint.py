@@ -9,7 +9,6 @@ included) leaves either the previous checkpoint or the new one, never a torn fil
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any

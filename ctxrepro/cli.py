@@ -17,6 +17,7 @@ from ctxrepro.docker import docker_app
 from ctxrepro.metrics.normals import normals_command
 from ctxrepro.metrics.purity import purity_command
 from ctxrepro.metrics.voc import voc_command
+from ctxrepro.report import report_command
 from ctxrepro.stage import StageError, available_stages, run_stage, stage_help
 
 app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a DVC pipeline.",
@@ -30,6 +31,7 @@ app.add_typer(eval_app, name="eval")
 eval_app.command("voc")(voc_command)
 eval_app.command("normals")(normals_command)
 eval_app.command("purity-coverage")(purity_command)
+app.command("report")(report_command)
 
 PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", help="params file to read")
 SET_OPT = typer.Option(None, "--set", help="override section.key=value (YAML value), repeatable, like dvc exp run -S")
