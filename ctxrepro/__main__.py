@@ -1,3 +1,5 @@
 from ctxrepro.cli import main
 
-main()
+# Guarded: spawn-based worker processes re-import the main module.
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ import yaml
 from ctxrepro.config import BaseParams, ParamsError, load_params, resolve_device, to_plain
 
 # Pipeline order; one name everywhere: dvc.yaml stage, params section, CLI command, metrics file, module.
-STAGE_ORDER = ("fetch", "resize", "pretrain", "convert", "detect", "normals", "mine", "pretext_eval", "nn",
+STAGE_ORDER = ("fetch", "resize", "pretrain", "convert", "proposals", "detect", "normals", "mine", "pretext_eval", "nn",
                "aberration", "report")
 
 

@@ -1,0 +1,109 @@
+"""The paper's numbers, each with the table, section or figure it comes from.
+
+They are printed beside ours in REPORT.md and never used to compute anything. Table 1's ConvNet rows
+live with the detect stage's own table (`ctxrepro.detection.table`) and are re-exported here. Table 2 is
+typed here because `ctxrepro.normals_report` (which holds the normals stage's copy) imports torch, which
+the report must not need; tests/test_report.py checks that the two copies agree. The rest come from the
+text of sections 4.2, 4.5.1 and 4.6, and from ../shared/METHOD.md "Headline numbers" (which quotes them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ctxrepro.detection.table import PAPER_TABLE1
+
+__all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "TABLE1_OTHER_ROWS", "TABLE1_ORDER", "TABLE1_INIT", "TABLE2_INIT",
+           "TABLE2_COLUMNS", "PaperValue", "SECTION_4_6", "SECTION_4_2", "FIGURE_9", "SECTION_4_5_1",
+           "PRETRAINING"]
+
+
+@dataclass(frozen=True)
+class PaperValue:
+    """One number of the paper (None: the paper shows it only in a figure) and where it is stated."""
+
+    value: float | None
+    where: str
+
+
+# Table 1 rows that are not ConvNets we can initialise (other methods), and the Yahoo 100M pretraining,
+# whose data we do not have: shown with their mAP, never reproduced. 20 per-class APs in the devkit's
+# class order, then the 20-class mAP, as in PAPER_TABLE1.
+TABLE1_OTHER_ROWS: dict[str, tuple[float, ...]] = {
+    "DPM-v5[17]": (33.2, 60.3, 10.2, 16.1, 27.3, 54.3, 58.2, 23.0, 20.0, 24.1, 26.7, 12.7, 58.1, 48.2, 43.2, 12.0,
+                   21.1, 36.1, 46.0, 43.5, 33.7),
+    "[8] w/o context": (52.6, 52.6, 19.2, 25.4, 18.7, 47.3, 56.9, 42.1, 16.6, 41.4, 41.9, 27.7, 47.9, 51.5, 29.9,
+                        20.0, 41.1, 36.4, 48.6, 53.2, 38.5),
+    "Regionlets[58]": (54.2, 52.0, 20.3, 24.0, 20.1, 55.5, 68.7, 42.6, 19.2, 44.2, 49.1, 26.6, 57.0, 54.5, 43.4,
+                       16.4, 36.6, 37.7, 59.4, 52.3, 41.7),
+    "Ours-Yahoo100m": (56.2, 63.9, 29.8, 27.8, 23.9, 57.4, 69.8, 35.6, 23.7, 47.4, 43.0, 29.5, 52.9, 62.0, 48.7,
+                       28.4, 45.1, 33.6, 49.0, 55.5, 44.2),
+}
+
+# Table 1's row order in the paper.
+TABLE1_ORDER = ("DPM-v5[17]", "[8] w/o context", "Regionlets[58]", "Scratch-R-CNN", "Scratch-Ours",
+                "Ours-projection", "Ours-color-dropping", "Ours-Yahoo100m", "ImageNet-R-CNN", "K-means-rescale",
+                "Ours-rescale", "ImageNet-rescale", "VGG-K-means-rescale", "VGG-Ours-rescale",
+                "VGG-ImageNet-rescale")
+
+# The detect initialisation (models/convert/<init>.pt, metrics/detect/<init>.json) that reproduces a row;
+# which colour mode and tower it needs is decided by `ctxrepro.detection.table.paper_row`. Rows absent here
+# are other papers' methods (R-CNN's own AlexNet rows included) or other data.
+TABLE1_INIT = {"Scratch-Ours": "scratch", "Ours-projection": "ours", "Ours-color-dropping": "ours",
+               "K-means-rescale": "kmeans_rescale", "Ours-rescale": "ours_rescale", "ImageNet-rescale": "imagenet",
+               "VGG-K-means-rescale": "kmeans_rescale", "VGG-Ours-rescale": "ours_rescale",
+               "VGG-ImageNet-rescale": "imagenet"}
+
+# Table 2 (NYUv2 surface normals, section 4.4): mean and median angular error in degrees (lower is better),
+# % of pixels within 11.25, 22.5 and 30 degrees (higher is better).
+PAPER_TABLE2 = (
+    ("Scratch", (38.6, 26.5, 33.1, 46.8, 52.5)),
+    ("Unsup. Tracking [57]", (34.2, 21.9, 35.7, 50.6, 57.0)),
+    ("Ours", (33.2, 21.3, 36.0, 51.2, 57.8)),
+    ("ImageNet Labels", (33.3, 20.8, 36.7, 51.7, 58.1)),
+)
+# The normals initialisation that reproduces each row ("Unsup. Tracking" is Wang & Gupta [57]'s method).
+TABLE2_INIT = {"Scratch": "scratch", "Ours": "ours", "ImageNet Labels": "imagenet"}
+TABLE2_COLUMNS = ("mean", "median", "within_11.25", "within_22.5", "within_30")  # PAPER_TABLE2's value order
+
+# Section 4.6: pretext accuracy in %, keyed like the pretext_eval metrics they sit beside.
+SECTION_4_6 = {
+    "accuracy": PaperValue(38.4, "section 4.6: 500 random VOC 2007 images x 256 pairs"),
+    "accuracy_in_boxes": PaperValue(39.2, "section 4.6: patches inside boxes >= 240 px, not truncated/occluded/"
+                                          "difficult"),
+    "accuracy_car": PaperValue(45.6, "section 4.6: the same, cars only"),
+    "accuracy_train_images": PaperValue(39.5, "section 4.6: ImageNet training images"),
+    "accuracy_heldout_images": PaperValue(40.3, "section 4.6: ImageNet validation images"),
+    "chance": PaperValue(12.5, "section 4.6: chance, 8 positions"),
+    "n_images": PaperValue(500, "section 4.6"),
+    "pairs_per_image": PaperValue(256, "section 4.6"),
+    "min_box_side": PaperValue(240, "section 4.6"),
+}
+
+# Section 4.2: (x, y) regression RMSE, coordinates normalised to [0, 1].
+SECTION_4_2 = {
+    "rmse_top10": PaperValue(0.255, "section 4.2: best 10% of images"),
+    "rmse_chance": PaperValue(0.371, "section 4.2: always predicting the image centre"),
+    "rmse_top10_projected": PaperValue(0.321, "section 4.2: best 10% after colour projection"),
+    "top_fraction": PaperValue(0.1, "section 4.2"),
+}
+
+# Figure 9 (section 4.5.1): purity-coverage area under the curve.
+FIGURE_9 = {
+    "auc": PaperValue(0.87, "Figure 9 legend: ours"),
+    "auc_at_0.5": PaperValue(None, "Figure 9 legend (in parentheses); not stated in the text"),
+    "baseline_auc": PaperValue(0.83, "Figure 9 legend: Doersch et al. ECCV 2014 [12]"),
+}
+
+# Section 4.5.1: the evaluation's sizes.
+SECTION_4_5_1 = {
+    "n_clusters_selected": PaperValue(1000, "section 4.5.1: 1000 sets"),
+    "set_size": PaperValue(10, "section 4.5.1: 10 images each"),
+    "eval_n_constellations": PaperValue(16384, "section 4.5.1: 16,384 initial clusters"),
+}
+
+# METHOD.md (Network): the scale of the pretraining run.
+PRETRAINING = {
+    "steps": PaperValue(1_700_000, "METHOD.md: the released code's README, about 1.7M iterations"),
+    "days": PaperValue(28, "METHOD.md: about 4 weeks on one K40"),
+}

@@ -1,0 +1,376 @@
+"""REPORT.md's tables: the paper's numbers (`ctxrepro.paper_numbers`) beside ours, read from metrics/*.json.
+
+Every reproduced number is read from a stage's metrics file when the report is rendered; nothing here is
+typed in. A stage without a metrics file shows "not run" and its table keeps the paper's column, so every
+table of the paper is always present. Each section says which data sets its numbers come from and whether
+they can be compared with the paper's (sections 4.1-4.6, Tables 1 and 2, Figure 9).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ctxrepro import paper_numbers as P
+from ctxrepro.data.voc import VOC_CLASSES
+from ctxrepro.detection.table import INIT_ORDER
+
+METRICS = Path("metrics")
+SINGLE = ("fetch", "resize", "pretrain", "convert", "proposals", "mine", "pretext_eval", "nn", "aberration")
+FOREACH = ("detect", "normals")  # metrics/<stage>/<init>.json
+STAGES = ("fetch", "resize", "pretrain", "convert", "proposals", "detect", "normals", "mine", "pretext_eval",
+          "nn", "aberration")
+DATASETS = {"imagenet": "ImageNet", "voc2007": "VOC 2007", "voc2011": "VOC 2011", "nyuv2": "NYUv2"}
+NOT_RUN = "not run"
+DASH = "–"
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What one run left behind: parsed metrics by key ("pretrain", "detect/ours"), files that could not be
+    used and why, the params profile, the commit, and each data set's source kind from metrics/fetch.json."""
+
+    metrics: dict[str, dict]
+    unreadable: dict[str, str]
+    profile: str
+    commit: str
+
+    def get(self, key: str) -> dict | None:
+        return self.metrics.get(key)
+
+    def inits(self, stage: str) -> list[str]:
+        """The foreach items of `stage` that have metrics, known initialisations first."""
+        names = [k.split("/", 1)[1] for k in self.metrics if k.startswith(f"{stage}/")]
+        return sorted(names, key=lambda n: (INIT_ORDER.index(n) if n in INIT_ORDER else len(INIT_ORDER), n))
+
+    @property
+    def sources(self) -> dict[str, str]:
+        fetch = self.metrics.get("fetch") or {}
+        return {name: str(d.get("source")) for name, d in (fetch.get("datasets") or {}).items()
+                if isinstance(d, dict)}
+
+
+def _read(path: Path) -> tuple[dict | None, str | None]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"unreadable: {e}"
+    if not isinstance(data, dict):
+        return None, f"unreadable: expected a JSON object, got {type(data).__name__}"
+    return data, None
+
+
+def load_run(root: Path, profile: str, commit: str) -> RunData:
+    """Every metrics file the report uses, read once; a file that cannot be parsed is recorded, not fatal."""
+    metrics, unreadable = {}, {}
+    paths = [(name, root / METRICS / f"{name}.json") for name in SINGLE]
+    for stage in FOREACH:
+        folder = root / METRICS / stage
+        paths += [(f"{stage}/{p.stem}", p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    for key, path in paths:
+        if not path.is_file():
+            continue
+        data, why = _read(path)
+        if data is None:
+            unreadable[key] = f"{path.relative_to(root)}: {why}"
+        else:
+            metrics[key] = data
+    return RunData(metrics, unreadable, profile, commit)
+
+
+# --- formatting ---------------------------------------------------------------------------------------------
+
+def _number(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
+        return None
+    return float(x)
+
+
+def pct(x: Any) -> str:
+    """A fraction in [0, 1] as a percentage with one decimal."""
+    v = _number(x)
+    return DASH if v is None else f"{100 * v:.1f}"
+
+
+def fixed(x: Any, digits: int = 1) -> str:
+    v = _number(x)
+    return DASH if v is None else f"{v:.{digits}f}"
+
+
+def count(x: Any) -> str:
+    v = _number(x)
+    return DASH if v is None else f"{int(v):,}"
+
+
+def paper(value: P.PaperValue, digits: int = 1) -> str:
+    return "figure only" if value.value is None else f"{value.value:.{digits}f}"
+
+
+def md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def seconds_of(m: dict) -> Any:
+    s = m.get("seconds")
+    return s.get("total") if isinstance(s, dict) else s
+
+
+# --- provenance ----------------------------------------------------------------------------------------------
+
+def tiny_world(run: RunData, datasets: Sequence[str]) -> bool:
+    return run.profile == "tiny" or any(run.sources.get(d) == "builtin" for d in datasets)
+
+
+def data_line(run: RunData, datasets: Sequence[str], rendered_world: bool = False) -> str:
+    """Which data a section's numbers come from, and whether they can be set beside the paper's."""
+    srcs = run.sources
+    parts = [f"{DATASETS[d]} ({'tiny world' if srcs.get(d) == 'builtin' else srcs.get(d, 'source unknown')})"
+             for d in datasets]
+    if rendered_world:
+        parts.append("scenes rendered by the stage from the tiny world")
+    head = f"Data: {', '.join(parts)}; profile `{run.profile}`; commit `{run.commit}`."
+    if rendered_world or tiny_world(run, datasets):
+        return head + " **Tiny-world numbers: they cannot be compared with the paper's.**"
+    if any(d not in srcs for d in datasets):
+        return head + " **Data source unknown (fetch not run): not comparable with the paper's.**"
+    if run.profile == "paper":
+        return head + " Real data and the paper profile: comparable with the paper."
+    return head + " Real data, custom profile: comparable only as far as params.yaml matches profiles/paper.yaml."
+
+
+def stage_keys(run: RunData, stage: str) -> list[str]:
+    if stage in FOREACH:
+        bad = sorted(k for k in run.unreadable if k.startswith(f"{stage}/"))
+        return [f"{stage}/{i}" for i in run.inits(stage)] + bad
+    return [stage] if stage in run.metrics or stage in run.unreadable else []
+
+
+def stage_status(run: RunData) -> list[str]:
+    """One row per metrics file: ok, not run, or why it could not be read."""
+    rows = []
+    for stage in STAGES:
+        keys = stage_keys(run, stage)
+        if not keys:
+            pattern = f"metrics/{stage}/*.json" if stage in FOREACH else f"metrics/{stage}.json"
+            rows.append((stage, f"`{pattern}`", NOT_RUN, DASH))
+        for key in keys:
+            m = run.metrics.get(key)
+            status = "ok" if m is not None else run.unreadable[key]
+            rows.append((key, f"`metrics/{key}.json`", status, fixed(seconds_of(m or {}), 1)))
+    return md_table(("stage", "metrics file", "status", "seconds"), rows)
+
+
+def data_sources(run: RunData) -> list[str]:
+    fetch = run.get("fetch")
+    if fetch is None:
+        return [f"Data sources: {NOT_RUN} (`metrics/fetch.json` missing); every number below is unverified."]
+    rows = []
+    for name, label in DATASETS.items():
+        d = (fetch.get("datasets") or {}).get(name) or {}
+        kind = d.get("source", DASH)
+        rows.append((label, f"{kind} (tiny world)" if kind == "builtin" else kind, count(d.get("images"))))
+    return md_table(("data set", "source (metrics/fetch.json)", "images"), rows)
+
+
+# --- Table 1 --------------------------------------------------------------------------------------------------
+
+def _table1_values(row: str) -> tuple[float, ...]:
+    return P.PAPER_TABLE1.get(row) or P.TABLE1_OTHER_ROWS[row]
+
+
+def _table1_status(run: RunData, row: str, inits: list[str]) -> str:
+    init = P.TABLE1_INIT.get(row)
+    if init is None:
+        return "not reproduced (another method or other data)"
+    if init not in inits:
+        return f"{NOT_RUN} (init `{init}`)"
+    ran_as = run.metrics[f"detect/{init}"].get("paper_row") or "no paper row"
+    return f"not this configuration (init `{init}` ran as {ran_as})"
+
+
+def table1(run: RunData) -> list[str]:
+    """Table 1: every row's mAP, ours beside the row it reproduces; then per-class AP of our runs."""
+    inits = run.inits("detect")
+    lines = ["## Table 1: VOC 2007 test detection (section 4.3)", "", data_line(run, ("imagenet", "voc2007")), ""]
+    rows = []
+    for row in P.TABLE1_ORDER:
+        claimed = [i for i in inits if run.metrics[f"detect/{i}"].get("paper_row") == row]
+        paper_map = fixed(_table1_values(row)[-1])
+        if not claimed:
+            rows.append((row, paper_map, _table1_status(run, row, inits), DASH, DASH))
+        for init in claimed:
+            m = run.metrics[f"detect/{init}"]
+            rows.append((row, paper_map, f"init `{init}`", pct(m.get("map")), count(len(m.get("ap") or {}))))
+    lines += md_table(("Table 1 row", "paper mAP (20 classes)", "reproduced by", "ours mAP", "our classes"), rows)
+    lines += ["", "Our mAP averages the classes we evaluated (column 'our classes'); the paper's averages all 20. "
+              "Per class:", ""]
+    lines += _table1_per_class(run, inits)
+    return lines
+
+
+def _table1_per_class(run: RunData, inits: list[str]) -> list[str]:
+    if not inits:
+        return [f"Per-class AP: {NOT_RUN} (`metrics/detect/*.json` missing; `dvc repro detect`)."]
+    runs = {i: run.metrics[f"detect/{i}"] for i in inits}
+    classes = [c for c in VOC_CLASSES if any(c in (m.get("ap") or {}) for m in runs.values())]
+    rows = []
+    for init, m in runs.items():
+        row = m.get("paper_row")
+        if row in P.PAPER_TABLE1:
+            values = P.PAPER_TABLE1[row]
+            rows.append((f"{row} (paper)", *(fixed(values[VOC_CLASSES.index(c)]) for c in classes),
+                         fixed(values[-1])))
+        ap = m.get("ap") or {}
+        rows.append((f"`{init}` (ours)", *(pct(ap.get(c)) for c in classes), pct(m.get("map"))))
+    return md_table(("AP (%)", *classes, "mAP"), rows)
+
+
+# --- Table 2 --------------------------------------------------------------------------------------------------
+
+def table2(run: RunData) -> list[str]:
+    """Table 2: NYUv2 surface normals, each paper row followed by the run that reproduces it."""
+    inits = run.inits("normals")
+    lines = ["## Table 2: NYUv2 surface normals (section 4.4)", "", data_line(run, ("imagenet", "nyuv2")), ""]
+    keys = (*P.TABLE2_COLUMNS, "rmse")
+    rows = []
+    for label, values in P.PAPER_TABLE2:
+        rows.append((f"{label} (paper)", *(fixed(v) for v in values), DASH))
+        init = P.TABLE2_INIT.get(label)
+        if init is None:
+            rows.append((f"{label} (ours)", "not reproduced (another method)", *[DASH] * 5))
+        elif init in inits:
+            m = run.metrics[f"normals/{init}"]
+            rows.append((f"`{init}` (ours)", *(fixed(m.get(k)) for k in keys)))
+        else:
+            rows.append((f"`{init}` (ours)", NOT_RUN, *[DASH] * 5))
+    for init in inits:
+        if init not in P.TABLE2_INIT.values():
+            m = run.metrics[f"normals/{init}"]
+            rows.append((f"`{init}` (ours, no paper row)", *(fixed(m.get(k)) for k in keys)))
+    head = ("NYUv2", "mean (°, lower better)", "median (°)", "≤11.25° (%)", "≤22.5° (%)", "≤30° (%)",
+            "RMSE (°)")
+    return lines + md_table(head, rows)
+
+
+# --- section 4.6 ----------------------------------------------------------------------------------------------
+
+def section_4_6(run: RunData) -> list[str]:
+    """Pretext accuracy on VOC 2007, inside boxes, on cars, and on training vs held-out images."""
+    m = run.get("pretext_eval")
+    lines = ["## Section 4.6: accuracy on the relative-position task", "", data_line(run, ("imagenet", "voc2007")),
+             ""]
+    if m is None:
+        lines += [f"pretext_eval: {NOT_RUN} (`metrics/pretext_eval.json` missing; `dvc repro pretext_eval`).", ""]
+        m = {}
+    per_class, per_class_n = m.get("accuracy_per_class") or {}, m.get("n_pairs_per_class") or {}
+    s = P.SECTION_4_6
+    box = m.get("min_box_side", DASH)
+    rows = [(f"VOC 2007: {count(m.get('n_images'))} images (paper {s['n_images'].value} x "
+             f"{s['pairs_per_image'].value} pairs)",
+             paper(s["accuracy"]), pct(m.get("accuracy")), count(m.get("n_pairs"))),
+            (f"inside boxes >= {box} px (paper {s['min_box_side'].value})", paper(s["accuracy_in_boxes"]),
+             pct(m.get("accuracy_in_boxes")), count(m.get("n_pairs_in_boxes"))),
+            ("inside car boxes only", paper(s["accuracy_car"]), pct(per_class.get("car")),
+             count(per_class_n.get("car"))),
+            ("ImageNet training images", paper(s["accuracy_train_images"]), pct(m.get("accuracy_train_images")),
+             count(m.get("n_pairs_train_images"))),
+            ("ImageNet validation (held-out) images", paper(s["accuracy_heldout_images"]),
+             pct(m.get("accuracy_heldout_images")), count(m.get("n_pairs_heldout_images"))),
+            ("chance", paper(s["chance"]), pct(m.get("chance")), DASH)]
+    pre = run.get("pretrain")
+    rows.append(("held-out accuracy at the end of pretraining (pretrain stage)", "no paper number",
+                 pct(pre.get("heldout_accuracy")) if pre else NOT_RUN, count((pre or {}).get("heldout_pairs"))))
+    lines += md_table(("measurement", "paper (%)", "ours (%)", "our pairs"), rows)
+    if per_class:
+        lines += ["", "Inside boxes, per class (the paper reports only cars):", ""]
+        lines += md_table(("class", "ours (%)", "pairs"),
+                          [(c, pct(a), count(per_class_n.get(c))) for c, a in sorted(per_class.items())])
+    return lines
+
+
+# --- section 4.2 ----------------------------------------------------------------------------------------------
+
+def section_4_2(run: RunData) -> list[str]:
+    """Chromatic aberration: RMSE of the absolute (x, y) regressor on its best images, raw and projected."""
+    m = run.get("aberration")
+    world = (m or {}).get("source") == "world"
+    lines = ["## Section 4.2: learnability of chromatic aberration", "",
+             data_line(run, () if world else ("imagenet",), rendered_world=world), ""]
+    if m is None:
+        lines += [f"aberration: {NOT_RUN} (`metrics/aberration.json` missing; `dvc repro aberration`).", ""]
+        m = {}
+    s = P.SECTION_4_2
+    top = _number(m.get("top_fraction"))
+    best = DASH if top is None else f"{100 * top:g}%"
+    rows = [(f"best {best} of images (paper 10%), raw", paper(s["rmse_top10"], 3), fixed(m.get("rmse_top10"), 3)),
+            ("chance: always the image centre", paper(s["rmse_chance"], 3), fixed(m.get("rmse_chance"), 3)),
+            (f"best {best}, after colour projection", paper(s["rmse_top10_projected"], 3),
+             fixed(m.get("rmse_top10_projected"), 3)),
+            ("all images, raw", "no paper number", fixed(m.get("rmse_all"), 3)),
+            ("all images, after projection", "no paper number", fixed(m.get("rmse_all_projected"), 3)),
+            (f"best {best}, control without aberration", "no paper number", fixed(m.get("rmse_top10_control"), 3))]
+    lines += md_table(("RMSE of (x, y) in [0, 1] image coordinates", "paper", "ours"), rows)
+    if m.get("control_note"):
+        lines += ["", f"Control: {m['control_note']}."]
+    return lines
+
+
+# --- Figure 9 (section 4.5.1) ---------------------------------------------------------------------------------
+
+def figure_9(run: RunData) -> list[str]:
+    """Purity-coverage AUC of the mined clusters on the VOC 2007 subset."""
+    m = run.get("mine")
+    lines = ["## Figure 9: purity-coverage of mined clusters (section 4.5.1)", "",
+             data_line(run, ("imagenet", "voc2007")), ""]
+    if m is None:
+        lines += [f"mine: {NOT_RUN} (`metrics/mine.json` missing; `dvc repro mine`).", ""]
+        m = {}
+    elif "auc" not in m:
+        lines += ["mine ran without the evaluation (`mine.evaluate: false`): no purity-coverage.", ""]
+    f, s = P.FIGURE_9, P.SECTION_4_5_1
+    rows = [("AUC, ours", paper(f["auc"], 2), fixed(m.get("auc"), 3)),
+            ("AUC up to coverage 0.5, ours", paper(f["auc_at_0.5"], 2), fixed(m.get("auc_at_0.5"), 3)),
+            ("AUC, ECCV 2014 baseline [12]", paper(f["baseline_auc"], 2), "not reproduced"),
+            ("AUC, random sets of the same size", "no paper number", fixed(m.get("chance_auc"), 3)),
+            ("AUC up to 0.5, random sets", "no paper number", fixed(m.get("chance_auc_at_0.5"), 3)),
+            ("sets selected", count(s["n_clusters_selected"].value), count(m.get("n_clusters_selected"))),
+            ("initial clusters", count(s["eval_n_constellations"].value), count(m.get("eval_n_constellations")))]
+    return lines + md_table(("purity-coverage", "paper", "ours"), rows)
+
+
+# --- section 4.1 and pretraining ---------------------------------------------------------------------------------
+
+def section_4_1(run: RunData) -> list[str]:
+    """Nearest neighbours: the paper shows them (Figure 4) without a number; ours gives precision@k."""
+    m = run.get("nn")
+    lines = ["## Section 4.1: nearest neighbours (Figure 4)", "", data_line(run, ("imagenet", "voc2007")), "",
+             "The paper reports no number for this experiment; precision@k (a neighbour counts when it carries the "
+             "query's box label) is ours.", ""]
+    if m is None:
+        return lines + [f"nn: {NOT_RUN} (`metrics/nn.json` missing; `dvc repro nn`)."]
+    k, objects = m.get("k", DASH), m.get("precision_at_k_objects") or {}
+    rows = [(name, fixed(v, 3), fixed(objects.get(name), 3)) for name, v in (m.get("precision_at_k") or {}).items()]
+    rows.append(("label base rate (chance)", fixed(m.get("precision_chance"), 3),
+                 fixed(m.get("precision_chance_objects"), 3)))
+    lines += md_table(("feature source", f"precision@{k}", f"precision@{k}, object queries"), rows)
+    notes = m.get("notes") or {}
+    return lines + ([""] + [f"- {name}: {note}" for name, note in sorted(notes.items())] if notes else [])
+
+
+def pretraining(run: RunData) -> list[str]:
+    m = run.get("pretrain")
+    lines = ["## Pretraining (section 3)", "", data_line(run, ("imagenet",)), ""]
+    if m is None:
+        return lines + [f"pretrain: {NOT_RUN} (`metrics/pretrain.json` missing; `dvc repro pretrain`)."]
+    s = P.PRETRAINING
+    seconds = _number(m.get("seconds"))
+    rows = [("training steps", count(s["steps"].value), count(m.get("steps"))),
+            ("training time (days)", fixed(s["days"].value, 0), DASH if seconds is None else f"{seconds / 86400:.4f}"),
+            ("final training accuracy (%)", "no paper number", pct(m.get("train_accuracy"))),
+            ("held-out accuracy (%)", "see section 4.6", pct(m.get("heldout_accuracy"))),
+            ("pairs per second", "no paper number", fixed(m.get("pairs_per_second"), 0))]
+    return lines + md_table(("pretraining", "paper", "ours"), rows) + ["", f"Stopped by: {m.get('stopped_by', DASH)}."]

@@ -1,0 +1,154 @@
+"""Fast R-CNN fine-tuning and VOC 2007 test AP of one converted network (section 4.3, Table 1); foreach init."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ctxrepro import viz
+from ctxrepro.checkpoint import atomic_torch_save
+from ctxrepro.config import param
+from ctxrepro.convert import INITS, Converted, load_checkpoint
+from ctxrepro.data.voc import SPLITS, VOC_CLASSES
+from ctxrepro.detection import table
+from ctxrepro.detection.infer import TestConfig, detect_all, write_results
+from ctxrepro.detection.model import FastRCNN
+from ctxrepro.detection.roidb import load_roidb
+from ctxrepro.detection.sampling import SamplingConfig
+from ctxrepro.detection.train import SolverConfig, train
+from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
+from ctxrepro.metrics.voc import VocEvalError, evaluate, summary
+from ctxrepro.pretext_data import derive_seed
+from ctxrepro.stage import StageContext, StageError
+
+VOC07 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
+TRUNKS = Path("models/convert")
+PROPOSALS = Path("data/proposals/voc2007")
+PROPOSALS_INDEX = "index.json"
+RESULTS = Path("results/detect")
+MODELS = Path("models/detect")
+METRICS = Path("metrics/detect")
+PLOTS = Path("plots/detect")
+DETECT_SEED = 70  # derive_seed purpose; the same for every init, so only the initialisation differs
+
+
+@dataclass(frozen=True)
+class Params:
+    init: str = param("ours", choices=tuple(INITS), help="models/convert/<init>.pt (the dvc.yaml foreach item)")
+    classes: tuple[str, ...] = param(VOC_CLASSES, choices=VOC_CLASSES, help="classes scored (mAP over these)")
+    train_split: str = param("trainval", choices=SPLITS, help="VOC 2007 image set to fine-tune on")
+    test_split: str = param("test", choices=SPLITS, help="VOC 2007 image set to score")
+    use_difficult: bool = param(False, help="train on difficult boxes too (py-faster-rcnn: no)")
+    scale: int = param(600, min=16, help="shorter image side (Fast R-CNN: 600)")
+    max_size: int = param(1000, min=16, help="longer side cap (Fast R-CNN: 1000)")
+    iterations: int = param(40000, min=1, help="SGD iterations (Fast R-CNN VOC07: 40k)")
+    images_per_batch: int = param(2, min=1, help="images per iteration (Fast R-CNN: 2)")
+    rois_per_image: int = param(64, min=1, help="RoIs per image (Fast R-CNN: 64)")
+    fg_fraction: float = param(0.25, min=0.0, max=1.0, help="foreground share of the RoIs (Fast R-CNN: 25%)")
+    fg_thresh: float = param(0.5, min=0.0, max=1.0, help="foreground: IoU >= this (Fast R-CNN: 0.5)")
+    bg_hi: float = param(0.5, min=0.0, max=1.0, help="background: IoU < this (Fast R-CNN: 0.5)")
+    bg_lo: float = param(0.1, min=0.0, max=1.0, help="background: IoU >= this (Fast R-CNN: 0.1)")
+    flip: bool = param(True, help="horizontal flips (Fast R-CNN: yes)")
+    box_regression: bool = param(True, help="Fast R-CNN's box regression; the paper's R-CNN rows had none")
+    dropout: float = param(0.5, min=0.0, max=0.99, help="dropout after fc7 (AlexNet / Fast R-CNN: 0.5)")
+    optimizer: str = param("sgd", choices=("sgd", "adam"), help="sgd: Fast R-CNN's solver")
+    lr: float = param(0.001, min=0.0, help="base learning rate (Fast R-CNN: 0.001)")
+    lr_step: int = param(30000, min=1, help="iterations between x gamma drops (Fast R-CNN: 30k)")
+    gamma: float = param(0.1, min=0.0, max=1.0, help="learning-rate drop factor (Fast R-CNN: 0.1)")
+    momentum: float = param(0.9, min=0.0, max=0.9999, help="SGD momentum (Fast R-CNN: 0.9)")
+    weight_decay: float = param(5e-4, min=0.0, help="weight decay on weights, none on biases (Fast R-CNN: 5e-4)")
+    bias_lr_mult: float = param(2.0, min=0.0, help="biases' learning-rate multiplier (Caffe's Fast R-CNN: 2)")
+    score_thresh: float = param(0.05, min=0.0, max=1.0, help="test: keep class scores above this")
+    nms: float = param(0.3, min=0.0, max=1.0, help="test: per-class NMS IoU (Fast R-CNN: 0.3)")
+    max_per_class: int = param(100, min=1, help="test: detections per class per image (Fast R-CNN: 100)")
+    roi_chunk: int = param(1000, min=1, help="test: RoIs per head pass (memory bound)")
+    log_every: int = param(20, min=1, help="iterations per loss log line and loss-plot point")
+    profile_note: str = param("", help="what this profile scales down from the paper, copied to the metrics")
+
+    def solver(self) -> SolverConfig:
+        return SolverConfig(self.iterations, self.images_per_batch, self.optimizer, self.lr, self.lr_step,
+                            self.gamma, self.momentum, self.weight_decay, self.bias_lr_mult, self.flip, self.scale,
+                            self.max_size, self.log_every)
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.rois_per_image, self.fg_fraction, self.fg_thresh, self.bg_hi, self.bg_lo)
+
+    def test(self) -> TestConfig:
+        return TestConfig(self.scale, self.max_size, self.score_thresh, self.nms, self.max_per_class, self.roi_chunk)
+
+
+def _inputs(p: Params, root: Path, device: str) -> tuple[Converted, list, list]:
+    proposals = root / PROPOSALS
+    if not (proposals / PROPOSALS_INDEX).is_file():
+        raise StageError(f"detect: {proposals / PROPOSALS_INDEX} missing: the proposal cache is absent or "
+                         f"incomplete (run `dvc repro proposals`)")
+    try:
+        ckpt = load_checkpoint(root / TRUNKS / f"{p.init}.pt", device)
+        train_db = load_roidb(root / VOC07, p.train_split, proposals, p.use_difficult)
+        test_db = load_roidb(root / VOC07, p.test_split, proposals)
+    except (OSError, ValueError) as e:
+        raise StageError(f"detect ({p.init}): {e}") from e
+    return ckpt, train_db, test_db
+
+
+def _paper_row(ckpt: Converted) -> str | None:
+    color = ((ckpt.source or {}).get("config") or {}).get("color", "none")
+    return table.paper_row(ckpt.init, ckpt.trunk.spec.tower, color)
+
+
+def _score(p: Params, root: Path, out: Path, dets: dict, test_ids: list[str], log: logging.Logger) -> dict:
+    """Write the results files into `out` and score them with the devkit's rules."""
+    write_results(out, dets, test_ids, p.test_split)
+    try:
+        per_class = evaluate(root / VOC07, p.test_split, out, p.classes)
+    except VocEvalError as e:
+        raise StageError(f"detect ({p.init}): {e}") from e
+    for c, r in per_class.items():
+        log.info("%-12s AP %5.1f  (npos %d, %d detections, %d TP)", c, 100 * r.ap, r.npos, r.detections, r.tp)
+    return summary(per_class)
+
+
+def run(params: Params, ctx: StageContext) -> None:
+    root, log, p = ctx.root, ctx.log, params
+    start = time.monotonic()
+    ckpt, train_db, test_db = _inputs(p, root, ctx.device)
+    log.info("%s: %d train images (%d boxes), %d test images, %.0f / %.0f proposals per image", p.init,
+             len(train_db), sum(len(e.gt_boxes) for e in train_db), len(test_db),
+             sum(len(e.proposals) for e in train_db) / max(len(train_db), 1),
+             sum(len(e.proposals) for e in test_db) / max(len(test_db), 1))
+    model = FastRCNN(ckpt.trunk, ckpt.head, p.dropout, p.box_regression, derive_seed(ctx.base.seed, DETECT_SEED, 1))
+    model.to(ctx.device)
+    try:
+        history = train(model, train_db, p.sampling(), p.solver(), derive_seed(ctx.base.seed, DETECT_SEED, 0),
+                        ctx.device, log)
+    except (OSError, ValueError, FloatingPointError) as e:
+        raise StageError(f"detect ({p.init}): {e}") from e
+    trained = time.monotonic()
+    dets = detect_all(model, test_db, p.test(), ctx.device, log)
+    tested = time.monotonic()
+    row_name = _paper_row(ckpt)
+    with atomic_dir(root / RESULTS / p.init) as out:
+        scores = _score(p, root, out, dets, [e.image_id for e in test_db], log)
+        row = table.OurRow(p.init, scores["ap"], row_name, p.profile_note)
+        atomic_write_text(out / "table1.md", table.table1_markdown([row], p.classes))
+    log.info("%s: mAP %.1f over %d classes", p.init, 100 * (scores["map"] or 0.0), len(p.classes))
+    atomic_torch_save({"init": p.init, "spec": asdict(ckpt.trunk.spec), "box_regression": p.box_regression,
+                       "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
+                      root / MODELS / f"{p.init}.pt")
+    with atomic_dir(root / PLOTS / p.init) as plots:
+        viz.write_csv(plots / "ap.csv", ["class", "ap"], [(c, scores["ap"][c]) for c in p.classes])
+        viz.write_csv(plots / "loss.csv", ["iteration", "loss", "loss_cls", "loss_box"],
+                      [(h["iteration"], h["loss"], h["loss_cls"], h["loss_box"]) for h in history])
+    last = history[-1] if history else {}
+    atomic_write_json(root / METRICS / f"{p.init}.json", {
+        **scores, "init": p.init, "paper_row": row_name, "profile_note": p.profile_note,
+        "box_regression": p.box_regression, "train_images": len(train_db), "test_images": len(test_db),
+        "detections": int(sum(len(d) for per in dets.values() for d in per.values())),
+        "train_loss": last.get("loss"), "train_loss_cls": last.get("loss_cls"), "train_loss_box": last.get("loss_box"),
+        "iterations": p.iterations, "threads": torch.get_num_threads(),
+        "seconds": {"train": round(trained - start, 2), "test": round(tested - trained, 2),
+                    "total": round(time.monotonic() - start, 2)}})
