@@ -30,7 +30,43 @@ SHRINK = [
     "fetch.world.voc11_trainval=12",
     "fetch.world.nyu_images=4",
     "fetch.world.nyu_train=2",
+    "pretrain.steps=30",
+    "pretrain.checkpoint_every=10",
+    "pretrain.log_every=10",
+    "pretrain.heldout_images=10",
+    "convert.fit_images=8",
+    "convert.heldout_images=4",
+    "convert.conv6b=16",
+    "convert.fc7=32",
+    "convert.kmeans_samples=2000",
+    "convert.calib_crops=8",
+    "convert.calib_draws=1",
+    "detect.iterations=20",
+    "detect.lr_step=15",
+    "detect.log_every=10",
+    "normals.steps=5",
+    "normals.kmeans_samples=100",
+    "normals.log_every=5",
+    "mine.n_constellations=64",
+    "mine.eval_constellations=64",
+    "mine.top_k=5",
+    "mine.set_size=3",
+    "mine.n_sets=50",
+    "mine.montage_clusters=4",
+    "mine.html_thumbnails=10",
+    "pretext_eval.n_images=12",
+    "pretext_eval.pairs_per_image=32",
+    "pretext_eval.manifest_images=10",
+    "nn.n_queries=50",
+    "nn.pool_per_image=10",
+    "aberration.train_images=20",
+    "aberration.test_images=10",
+    "aberration.patches_per_image=16",
+    "aberration.steps=20",
 ]
+STAGE_METRICS = ["fetch", "resize", "pretrain", "convert", "proposals", "detect/scratch", "detect/ours",
+                 "detect/ours_rescale", "detect/kmeans_rescale", "normals/scratch", "normals/ours", "mine",
+                 "pretext_eval", "nn", "aberration", "report"]
 
 
 def _env() -> dict:
@@ -78,14 +114,18 @@ def test_dvc_repro_end_to_end_and_metrics_diff(tmp_path):
     status = _run(["dvc", "status", "--json"], repo)
     assert json.loads(status.stdout) == {}, status.stdout  # everything up to date after repro
 
+    for name in STAGE_METRICS:
+        assert (repo / "metrics" / f"{name}.json").is_file(), name
+    assert "Table 1" in (repo / "REPORT.md").read_text()
+
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "first run"], repo)
-    _write_params(repo, ["fetch.world.imagenet_val=14"])
-    _run(["dvc", "repro"], repo)
+    _write_params(repo, ["pretext_eval.pairs_per_image=16"])
+    repro = _run(["dvc", "repro"], repo)
+    assert "Running stage 'pretext_eval'" in repro.stdout and "Running stage 'pretrain'" not in repro.stdout
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "second run"], repo)
     diff = json.loads(_run(["dvc", "metrics", "diff", "HEAD~1", "--json"], repo).stdout)
-    changed = diff["metrics/fetch.json"]
-    assert changed["datasets.imagenet.images"] == {"old": 121, "new": 125, "diff": 4}
+    assert diff["metrics/pretext_eval.json"]["n_pairs"] == {"old": 12 * 32, "new": 12 * 16, "diff": -12 * 16}
     params = json.loads(_run(["dvc", "params", "diff", "HEAD~1", "--json"], repo).stdout)
-    assert params["params.yaml"]["fetch.world.imagenet_val"] == {"old": 10, "new": 14}
+    assert params["params.yaml"]["pretext_eval.pairs_per_image"] == {"old": 32, "new": 16}
