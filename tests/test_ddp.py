@@ -124,9 +124,9 @@ def test_env_info_reads_torchrun_variables(monkeypatch):
 
 
 @pytest.mark.slow
-def test_pretrain_stage_with_two_spawned_ranks(tmp_path, monkeypatch):
+def test_pretrain_stage_with_two_spawned_ranks(tmp_path, monkeypatch, caplog):
     from ctxrepro.config import BaseParams
-    from ctxrepro.stage import StageContext, StageError
+    from ctxrepro.stage import StageContext
     from stages import pretrain
     from test_pretext_data import write_dataset
 
@@ -141,5 +141,9 @@ def test_pretrain_stage_with_two_spawned_ranks(tmp_path, monkeypatch):
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
     state = torch.load(tmp_path / "models" / "pretrain_state" / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["config"]["world_size"] == 2
-    with pytest.raises(StageError, match="world_size: checkpoint 2 != now 1"):
+    # The shards depend on the world size: one process does not resume the 2-rank state, it starts afresh.
+    with caplog.at_level(logging.WARNING):
         pretrain.run(replace(params, nproc=1, steps=4), StageContext(BaseParams(seed=0), "cpu", log, root=tmp_path))
+    assert "world_size: checkpoint 2 != now 1" in caplog.text and "starting afresh at step 0" in caplog.text
+    state = torch.load(tmp_path / "models" / "pretrain_state" / "last.pt", weights_only=True)
+    assert len(state["rng"]) == 1 and state["config"]["world_size"] == 1 and state["step"] == 4

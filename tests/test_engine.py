@@ -110,7 +110,8 @@ def test_stopped_and_resumed_run_is_bit_identical(data, reference, tmp_path):
 def test_sigkilled_run_resumes_bit_identical(data, reference, tmp_path):
     """A child process SIGKILLs itself right after logging step 5 (the last checkpoint is step 4)."""
     script = (
-        "import os, signal, sys; from pathlib import Path\n"
+        "import os, signal, sys; from pathlib import Path; import torch\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"  # the reference's reduction order
         f"sys.path[:0] = [{str(Path(__file__).parent)!r}]\n"
         "from test_engine import run, make_cfg\n"
         "def hook(row):\n"

@@ -95,6 +95,8 @@ def _clone(tmp_path: Path) -> Path:
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / rel)
     _run(["git", "init", "-q"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "clone"], repo)  # as a clone has: dvclive needs a commit to start from
     return repo
 
 
@@ -106,6 +108,8 @@ def _write_params(repo: Path, sets: list[str]) -> None:
 @pytest.mark.slow
 def test_dvc_repro_end_to_end_and_metrics_diff(tmp_path):
     repo = _clone(tmp_path)
+    shutil.rmtree(repo / "metrics")  # the committed tiny run's: every file below must be written anew
+    (repo / "REPORT.md").unlink()
     _write_params(repo, SHRINK)
     _run(["dvc", "repro"], repo)
     fetch = json.loads((repo / "metrics/fetch.json").read_text())
@@ -117,6 +121,8 @@ def test_dvc_repro_end_to_end_and_metrics_diff(tmp_path):
     for name in STAGE_METRICS:
         assert (repo / "metrics" / f"{name}.json").is_file(), name
     assert "Table 1" in (repo / "REPORT.md").read_text()
+    assert json.loads((repo / "metrics/pretrain.json").read_text())["steps"] == 30
+    assert json.loads((repo / "metrics/mine.json").read_text())["n_constellations"] == 64
 
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "first run"], repo)
@@ -128,4 +134,4 @@ def test_dvc_repro_end_to_end_and_metrics_diff(tmp_path):
     diff = json.loads(_run(["dvc", "metrics", "diff", "HEAD~1", "--json"], repo).stdout)
     assert diff["metrics/pretext_eval.json"]["n_pairs"] == {"old": 12 * 32, "new": 12 * 16, "diff": -12 * 16}
     params = json.loads(_run(["dvc", "params", "diff", "HEAD~1", "--json"], repo).stdout)
-    assert params["params.yaml"]["pretext_eval.pairs_per_image"] == {"old": 32, "new": 16}
+    assert params["params.yaml"]["pretext_eval.pairs_per_image"] == {"old": 32, "new": 16, "diff": -16}
