@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import tarfile
 from pathlib import Path
 
 import h5py
@@ -18,18 +17,10 @@ from ctxrepro.data.extract import UnsafeArchiveError
 from ctxrepro.data.fetch import fetch_dataset, plan_sources
 from ctxrepro.data.imagenet import list_train_images, list_val_images
 from ctxrepro.data.registry import Archive, Checksum, ChecksumError, Expected, archives_for
+from helpers import tar_bytes
 
 LOG = logging.getLogger("test_fetch")
 
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def image_bytes(mode: str, fmt: str, seed: int) -> bytes:

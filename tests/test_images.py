@@ -9,20 +9,10 @@ import pytest
 from PIL import Image
 
 from ctxrepro.data.images import REASONS, JunkImage, decode_rgb, draft_size, open_jpeg, sniff_format
+from helpers import jpeg_bytes, photo
 
 
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth RGB image with mild noise: compresses like a photograph, unlike pure noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], axis=-1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
 
-
-def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def write(path, data: bytes):

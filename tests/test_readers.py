@@ -6,7 +6,6 @@ import gzip
 import io
 import os
 import pickle
-import tarfile
 import zipfile
 
 import h5py
@@ -18,6 +17,7 @@ from ctxrepro.data import nyu
 from ctxrepro.data.imagenet import iter_tar_of_tars
 from ctxrepro.data.voc import (VOC_CLASSES, BndBox, load_split, parse_annotation, read_class_image_set,
                                read_image_set)
+from helpers import tar_bytes
 
 # As the VOC2007 devkit writes it: tabs, a nested <annotation> inside <source>, no <occluded>.
 VOC2007_XML = """<annotation>
@@ -239,19 +239,9 @@ def test_normals_pickle_may_only_build_arrays(tmp_path):
         nyu.load_normals(pklz)
 
 
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_iter_tar_of_tars_streams_in_archive_order():
-    outer = _tar({"n02000000.tar": _tar({"n02000000_5.JPEG": b"five", "n02000000_1.JPEG": b"one"}),
-                  "./n01000000.tar": _tar({"./n01000000_3.JPEG": b"three"})})
+    outer = tar_bytes({"n02000000.tar": tar_bytes({"n02000000_5.JPEG": b"five", "n02000000_1.JPEG": b"one"}),
+                  "./n01000000.tar": tar_bytes({"./n01000000_3.JPEG": b"three"})})
     got = [(w, n, s.read(), size) for w, n, s, size in iter_tar_of_tars(io.BytesIO(outer), "t.tar")]
     assert got == [("n02000000", "n02000000_5.JPEG", b"five", 4), ("n02000000", "n02000000_1.JPEG", b"one", 3),
                    ("n01000000", "n01000000_3.JPEG", b"three", 5)]

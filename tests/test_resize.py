@@ -27,24 +27,14 @@ from ctxrepro.data.resize import ResizeConfig, draw_pixels, plan_size, resample,
 from ctxrepro.data.resize_run import ResizeError, iter_tasks, run_shard
 from ctxrepro.stage import StageContext
 from stages import resize as stage
+from helpers import jpeg_bytes, photo
 
 # The tiny profile: 48-px patches, 24-px gap (a 2x2 grid needs 120 px), 50K..90K pixels.
 TINY = ResizeConfig(min_pixels=50_000, max_pixels=90_000, quality=90, patch=48, gap=24, seed=7)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth RGB image with mild noise: compresses like a photograph, unlike pure noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], axis=-1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
 
-
-def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- sizes and draws (hand-checked values)
