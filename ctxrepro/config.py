@@ -39,6 +39,9 @@ class BaseParams:
     seed: int = param(0, min=0, help="the one seed every per-stage and per-worker seed derives from")
     device: str = param("auto", choices=("auto", "cpu", "cuda"), help="auto picks cuda when available")
     workers: int = param(2, min=0, max=256, help="default worker processes for data loading")
+    threads: int = param(0, min=0, max=1024,
+                         help="torch CPU threads per process; 0 = torch's default. CPU results depend on it "
+                              "(reduction order), so a fixed value makes reruns bit-identical")
     runtime: str = param("local", choices=("local", "docker"),
                          help="docker: rerun each stage inside the project image (ctxrepro docker build first)")
 

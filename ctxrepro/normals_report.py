@@ -24,15 +24,7 @@ import numpy as np
 from ctxrepro.metrics.normals import angular_errors, pooled_metrics_spilled
 from ctxrepro.normals import full_resolution
 from ctxrepro.normals_data import GroundTruth
-
-# Table 2 of the paper (NYUv2, Fouhey et al.'s protocol): mean, median, % within 11.25, 22.5, 30 degrees.
-PAPER_TABLE2 = (
-    ("Scratch", (38.6, 26.5, 33.1, 46.8, 52.5)),
-    ("Unsup. Tracking [57]", (34.2, 21.9, 35.7, 50.6, 57.0)),
-    ("Ours", (33.2, 21.3, 36.0, 51.2, 57.8)),
-    ("ImageNet Labels", (33.3, 20.8, 36.7, 51.7, 58.1)),
-)
-TABLE_KEYS = ("mean", "median", "within_11.25", "within_22.5", "within_30")
+from ctxrepro.paper_numbers import PAPER_TABLE2, TABLE2_COLUMNS as TABLE_KEYS
 
 
 @contextlib.contextmanager

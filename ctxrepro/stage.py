@@ -98,6 +98,10 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1")
                                gpus=False if base.device == "cpu" else None)
         return
     device = resolve_device(base.device)
+    if base.threads:
+        import torch
+
+        torch.set_num_threads(base.threads)
     log = logging.getLogger(f"ctxrepro.stage.{name}")
     root = Path.cwd()
     log.info("stage %s, commit %s, python %s", name, git_commit(root), sys.version.split()[0])

@@ -96,7 +96,7 @@ def _write(tmp_path, text):
 def test_load_params_reads_base_and_section(tmp_path):
     p = _write(tmp_path, "base: {seed: 7, device: cpu}\ndemo: {steps: 4}\n")
     base, demo = load_params(p, "demo", Demo, ["demo.lr=0.5", "base.seed=9"])
-    assert base == BaseParams(seed=9, device="cpu", workers=2, runtime="local")
+    assert base == BaseParams(seed=9, device="cpu", workers=2, threads=0, runtime="local")
     assert demo.steps == 4 and demo.lr == 0.5
 
 

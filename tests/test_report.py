@@ -329,9 +329,3 @@ def test_paper_numbers_are_consistent():
         assert any(paper_row(init, tower, color) == row for tower in ("alexnet", "vgg16")
                    for color in ("projection", "drop")), row
     assert {label for label, _ in P.PAPER_TABLE2} >= set(P.TABLE2_INIT)
-
-
-@pytest.mark.slow  # imports torch (ctxrepro.normals_report)
-def test_table2_agrees_with_the_normals_stage_copy():
-    normals_report = pytest.importorskip("ctxrepro.normals_report")
-    assert P.PAPER_TABLE2 == normals_report.PAPER_TABLE2
