@@ -19,7 +19,6 @@ search that produce the matches live in `ctxrepro.mining_search`.
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +29,6 @@ from torch import nn
 
 from ctxrepro.data.voc import parse_annotation, read_image_set
 from ctxrepro.mining_search import BankSpec, Candidates, FeatureBank, GridLayout, build_bank, search
-from ctxrepro.model import build_model
 
 SIDE_RANGE = (2.0 / 3.0, 4.0 / 3.0)  # section 4.5: side of S between 2/3 and 4/3 of the patches' mean side
 # (x, y) signs of the corners (cx -+ s/2, cy -+ s/2) in the order TL, TR, BL, BR; image y points down.
@@ -257,17 +255,3 @@ def voc_eval_labels(devkit: Path, splits: Sequence[str], classes: Sequence[str])
             if present:
                 labels[image_id] = present
     return dict(sorted(labels.items()))
-
-
-def load_pretrained(path: Path, device: str) -> tuple[nn.Module, dict]:
-    """The pretrain stage's export (`engine.export_weights`): the network in eval mode and its config."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"pretrained weights {path} not found: run `dvc repro pretrain` first")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        config = blob["config"]
-        model = build_model(config["tower"], int(config["patch"]))
-        model.load_state_dict(blob["model"])
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path} is not a pretrain export (model + config): {e}") from e
-    return model.to(device).eval(), dict(config)

@@ -21,6 +21,7 @@ This module also holds what every evaluation of the pretrained network shares: `
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -61,15 +62,18 @@ def load_pretrained(path: Path, device: str = "cpu") -> Pretrained:
         raise FileNotFoundError(f"{path} not found: run `dvc repro pretrain` (or `ctxrepro stage pretrain`)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise ValueError(f"{path}: cannot be read as a pretrain export ({e})") from e
     config = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
     missing = [k for k in CHECKPOINT_KEYS if k not in config]
     if missing or "model" not in ckpt:
         raise ValueError(f"{path}: not a pretrain export (missing config keys {missing} or 'model'); "
                          f"rerun the pretrain stage")
-    model = build_model(config["tower"], int(config["patch"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = build_model(config["tower"], int(config["patch"]))
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, ValueError, TypeError) as e:  # weights that do not fit the recorded tower
+        raise ValueError(f"{path}: the weights do not fit a {config['tower']!r} network ({e})") from e
     return Pretrained(model.to(device).eval(), int(config["sample_patch"]), int(config["patch"]),
                       int(config["gap"]), int(config["jitter"]), str(config["color"]), int(ckpt.get("step", 0)))
 

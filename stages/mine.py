@@ -15,10 +15,11 @@ from ctxrepro.config import param
 from ctxrepro.data.voc import SPLITS, VOC_CLASSES, read_image_set
 from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
 from ctxrepro.metrics.purity import chance_reference, purity_coverage
-from ctxrepro.mining import (MiningResult, SearchConfig, folder_images, load_pretrained, mine, purity_sets,
+from ctxrepro.mining import (MiningResult, SearchConfig, folder_images, mine, purity_sets,
                              select_clusters, voc_eval_labels)
 from ctxrepro.mining_search import BankSpec
 from ctxrepro.pretext_data import derive_seed
+from ctxrepro.pretext_eval import Pretrained, load_pretrained
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.viz import write_csv
 
@@ -67,12 +68,10 @@ class Params:
             raise ValueError("scales is empty: list at least one image scale")
 
 
-def bank_spec(p: Params, trained: dict) -> BankSpec:
+def bank_spec(p: Params, pre: Pretrained) -> BankSpec:
     """Patch geometry of the pretrained network: its sampled patch side and its input side."""
-    return BankSpec(patch=int(trained.get("sample_patch", trained["patch"])), net_size=int(trained["patch"]),
-                    scales=p.scales, grid_step=p.grid_step, max_side=p.max_side,
-                    color=str(trained.get("color", "projection")), drop_views=p.drop_views,
-                    batch_patches=p.batch_patches)
+    return BankSpec(patch=pre.patch, net_size=pre.net_size, scales=p.scales, grid_step=p.grid_step,
+                    max_side=p.max_side, color=pre.color, drop_views=p.drop_views, batch_patches=p.batch_patches)
 
 
 def mining_images(p: Params, root: Path) -> tuple[list[Path], list[str]]:
@@ -169,16 +168,16 @@ def run(params: Params, ctx: StageContext) -> None:
         raise StageError("mine does not shard: run it without --shard")
     start = time.monotonic()
     try:
-        model, trained = load_pretrained(ctx.root / MODEL, ctx.device)
-        spec = bank_spec(params, trained)
+        pre = load_pretrained(ctx.root / MODEL, ctx.device)
+        model, spec = pre.model, bank_spec(params, pre)
     except (FileNotFoundError, ValueError) as e:
         raise StageError(str(e)) from e
     try:
         paths, names = mining_images(params, ctx.root)
     except FileNotFoundError as e:
         raise StageError(f"{e} (VOC 2011: `dvc repro fetch`)" if params.source == "voc2011" else str(e)) from e
-    ctx.log.info("mining %d images with %s patches %d px -> %d px input, colour %s", len(paths),
-                 trained["tower"], spec.patch, spec.net_size, spec.color)
+    ctx.log.info("mining %d images with patches %d px -> %d px input, colour %s (pretrained %d steps)",
+                 len(paths), spec.patch, spec.net_size, spec.color, pre.step)
     result = _mine(params, ctx, model, spec, paths, params.n_constellations, 1)
     metrics = {"source": params.source, **mining_summary(result), "top_k": int(result.candidates.images.shape[1])}
     for path, why in sorted(result.bank.skipped.items()):

@@ -84,6 +84,13 @@ def test_load_pretrained_rebuilds_the_exported_network(tmp_path):
     torch.save({"model": {}}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="missing config keys"):
         E.load_pretrained(tmp_path / "bad.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="garbage.pt: cannot be read as a pretrain export"):
+        E.load_pretrained(tmp_path / "garbage.pt")
+    blob = torch.load(tmp_path / "pretrain.pt", weights_only=True)
+    torch.save({**blob, "model": {"tower.conv1.weight": torch.zeros(1)}}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="wrong.pt: the weights do not fit a 'small' network"):
+        E.load_pretrained(tmp_path / "wrong.pt")
 
 
 def test_network_input_is_mean_free_projected_rms50_without_downsampling(tmp_path):
