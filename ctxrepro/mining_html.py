@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ctxrepro import viz
+from ctxrepro.data.images import read_rgb
 from ctxrepro.io import atomic_write_bytes, atomic_write_text
 from ctxrepro.mining import MiningResult
-from ctxrepro.mining_search import decode
 
 QUERY_FRAME = (60, 110, 220)  # the query constellation's border, so it reads apart from its matches
 
@@ -38,7 +38,7 @@ class ImageCache:
         if path in self._images:
             self._images.move_to_end(path)
             return self._images[path]
-        image = decode(Path(path))
+        image = read_rgb(path)
         self._images[path] = image
         if len(self._images) > self.size:
             self._images.popitem(last=False)

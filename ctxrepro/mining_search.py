@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ctxrepro.color import COLOR_MODES, RMS_EPS, PatchAugment, preprocess
+from ctxrepro.data.images import read_rgb
 from ctxrepro.patches import cut_patches
 from ctxrepro.progress import track
 
@@ -140,12 +141,6 @@ def image_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
-def decode(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB (grayscale, CMYK and palette files converted)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 class _PatchSource(torch.utils.data.Dataset):
     """Image i -> (i, uint8 patches (P, 3, patch, patch) of all scales, or None, why it failed)."""
 
@@ -157,7 +152,7 @@ class _PatchSource(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            rgb = decode(self.paths[i])
+            rgb = read_rgb(self.paths[i])
         except DECODE_ERRORS as e:
             return i, None, f"{type(e).__name__}: {e}"
         h, w = rgb.shape[:2]

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from PIL import Image
 
 from ctxrepro.color import PatchAugment, preprocess
+from ctxrepro.data import images
 from ctxrepro.model import ContextNet, build_model
 from ctxrepro.patches import batch_pairs, cut_patches, sample_grid
 from ctxrepro.pretext_data import generator
@@ -88,14 +88,9 @@ def network_input(patches: Tensor, pre: Pretrained, g: torch.Generator) -> Tenso
 
 
 def read_rgb(path: Path) -> Tensor:
-    """A JPEG/PNG file as (3, H, W) uint8 RGB (PIL: grayscale and CMYK files are converted); an unreadable
+    """A JPEG/PNG file as (3, H, W) uint8 RGB (grayscale and CMYK files are converted); an unreadable
     file is an error that names it."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode {path}: {e}") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(images.read_rgb(path)).permute(2, 0, 1).contiguous()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctxrepro.data.images import REASONS, JunkImage, decode_rgb, draft_size, open_jpeg, sniff_format
+from ctxrepro.data.images import REASONS, JunkImage, decode_rgb, draft_size, open_jpeg, read_rgb, sniff_format
 from helpers import jpeg_bytes, photo
 
 
@@ -148,3 +148,15 @@ def test_draft_decodes_at_reduced_dct_scale(tmp_path):
     # DCT scaling is a low-pass: it matches 2x2 block means of the full decode closely
     means = full.rgb.reshape(600, 2, 800, 2, 3).mean(axis=(1, 3))
     assert np.abs(d.rgb - means).mean() < 3
+
+
+def test_read_rgb_converts_and_names_unreadable_files(tmp_path):
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (5, 3), (0, 255, 255, 0)).save(cmyk, quality=100)  # pure red in CMYK
+    rgb = read_rgb(cmyk)
+    assert rgb.shape == (3, 5, 3) and rgb.dtype == np.uint8 and rgb.flags.writeable
+    assert rgb[..., 0].min() > 240 and rgb[..., 1:].max() < 15
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match=r"cannot decode .*bad\.jpg"):
+        read_rgb(bad)

@@ -149,3 +149,16 @@ def decode_rgb(im: Image.Image, draft: tuple[int, int] | None) -> Decoded:
         except ValueError as e:
             raise JunkImage("unsupported_mode", f"cannot convert mode {im.mode} to RGB: {e}") from e
     return Decoded(rgb=np.asarray(im), converted_from=converted)
+
+
+def read_rgb(path) -> np.ndarray:
+    """An image file as a writable (H, W, 3) uint8 RGB array (grayscale, CMYK and palette files converted).
+
+    For the evaluation stages, which read files the pipeline already vetted: an unreadable file is a
+    ValueError that names it (the resize stage classifies junk by reason instead, with `decode_rgb`).
+    """
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode {path}: {e}") from e

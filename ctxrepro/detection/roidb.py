@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from ctxrepro.data import images
 from ctxrepro.data.voc import VOC_CLASSES, load_split
 from ctxrepro.detection.proposals import load_proposals
 
@@ -64,11 +64,7 @@ def load_roidb(devkit: Path, split: str, proposals_dir: Path, use_difficult: boo
 def read_rgb(path: Path, height: int, width: int) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB; unreadable files and sizes that disagree with the annotation are
     errors naming the file."""
-    try:
-        with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy needs one
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode {path}: {e}") from e
+    rgb = images.read_rgb(path)
     if rgb.shape[:2] != (height, width):
         raise ValueError(f"{path} is {rgb.shape[1]}x{rgb.shape[0]}, its annotation says {width}x{height}")
     return rgb
