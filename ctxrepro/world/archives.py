@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import io
 import os
 import tarfile
 import zipfile
 from pathlib import Path
 from typing import Iterator
+
+from ctxrepro.data.registry import hash_file
 
 # 2007-11-06 00:00:00 UTC, the VOC2007 release day: every member's mtime.
 MTIME = 1194307200
@@ -109,8 +110,5 @@ def write_zip(path: Path, members: list) -> None:
 
 
 def md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The md5 the fetch code will check this file against (MD5SUMS)."""
+    return hash_file(path, ("md5",))[1]["md5"]
