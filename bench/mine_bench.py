@@ -3,8 +3,8 @@
 1. `embed`: fc6 features of colour-dropping patches with the tiny profile's network (small tower, 48 px
    patches shrunk to 32 px), three ways in one run, alternating blocks so all see the same machine load:
    `training-order` (drop, RMS at 48 px, area-resize, per view: what pretraining does, three times),
-   `shortcut` (`mining_search.drop_views`: resize once, expected RMS) and `shortcut+channels_last` (what
-   `mining_search.embed` runs). Reported as CPU seconds per 1000 patches (load from other processes does
+   `shortcut` (`mining.search.drop_views`: resize once, expected RMS) and `shortcut+channels_last` (what
+   `mining.search.embed` runs). Reported as CPU seconds per 1000 patches (load from other processes does
    not inflate them) and the ratio to the training order.
 2. `search`: constellations searched per CPU second on a synthetic bank of the tiny profile's size
    (214 images x 160 patches x 256 dims, top 30), at two similarity-block bounds.
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctxrepro.color import PatchAugment, normalize_rms
-from ctxrepro.mining_search import FeatureBank, GridLayout, drop_views, search
-from ctxrepro.model import build_model
+from ctxrepro.mining.search import FeatureBank, GridLayout, drop_views, search
+from ctxrepro.pretext.color import PatchAugment, normalize_rms
+from ctxrepro.pretext.model import build_model
 
 
 def cpu_seconds() -> float:

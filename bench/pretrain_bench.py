@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torchvision.io import encode_jpeg
 
-from ctxrepro.color import PatchAugment
-from ctxrepro.engine import OptimConfig, Prepare, TrainConfig, build_optimizer, train_step
-from ctxrepro.model import build_model
-from ctxrepro.patches import sample_grid
-from ctxrepro.pretext_data import BatchSpec, StepBatches, finish_batch, load_table, make_loader, usable
+from ctxrepro.pretext.color import PatchAugment
+from ctxrepro.pretext.data import BatchSpec, StepBatches, finish_batch, load_table, make_loader, usable
+from ctxrepro.pretext.engine import OptimConfig, Prepare, TrainConfig, build_optimizer, train_step
+from ctxrepro.pretext.model import build_model
+from ctxrepro.pretext.sampling import sample_grid
 
 PROFILES = {  # the params of the two profiles that matter for speed
     "tiny": TrainConfig(data=BatchSpec(patch=48, gap=24, jitter=5, grids_per_image=4, max_patches=256),

@@ -2,7 +2,7 @@
 
 A checkpoint holds the model, the optimizer, the AMP grad scaler (if any), every RNG state (torch, CUDA,
 numpy, Python), the data sampler's position (the next step: batches are a pure function of seed and
-step, see `pretext_data`), the step, the log history and the resolved training config. It is written
+step, see `pretext.data`), the step, the log history and the resolved training config. It is written
 to a temporary file beside its path and renamed into place, so a run killed at any moment (SIGKILL
 included) leaves either the previous checkpoint or the new one, never a torn file.
 """

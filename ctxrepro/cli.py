@@ -13,11 +13,11 @@ from typing import List, Optional
 import typer
 
 from ctxrepro.config import BaseParams, ParamsError
-from ctxrepro.docker import docker_app
+from ctxrepro.container import DockerError, docker_app
 from ctxrepro.metrics.normals import normals_command
 from ctxrepro.metrics.purity import purity_command
 from ctxrepro.metrics.voc import voc_command
-from ctxrepro.report import report_command
+from ctxrepro.report.writer import report_command
 from ctxrepro.stage import StageError, available_stages, run_stage, stage_help
 
 app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a DVC pipeline.",
@@ -55,7 +55,7 @@ def _make_stage_command(name: str):
             run_stage(name, params, list(set_ or []), shard)
         except ParamsError as e:
             _fail(str(e), 2)
-        except StageError as e:
+        except (StageError, DockerError) as e:
             _fail(str(e), 1)
 
     command.__name__ = f"stage_{name}"

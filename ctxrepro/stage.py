@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ctxrepro.config import BaseParams, ParamsError, load_params, resolve_device, to_plain
+from ctxrepro.container import run_stage_in_container
 
 # Pipeline order; one name everywhere: dvc.yaml stage, params section, CLI command, metrics file, module.
 STAGE_ORDER = ("fetch", "resize", "pretrain", "convert", "proposals", "detect", "normals", "mine", "pretext_eval", "nn",
@@ -92,8 +93,6 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1")
     shard_t = parse_shard(shard)
     if base.runtime == "docker":
         # Before resolve_device: a CPU-only host must still be able to hand a cuda run to the container.
-        from ctxrepro.docker import run_stage_in_container
-
         run_stage_in_container(Path.cwd(), name, params_path, list(sets), shard,
                                gpus=False if base.device == "cpu" else None)
         return

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctxrepro import aberration as A
 from ctxrepro import viz
-from ctxrepro.color import project_colors
+from ctxrepro.analysis import aberration as A
 from ctxrepro.config import param
 from ctxrepro.io import atomic_write_json
-from ctxrepro.pretext_data import generator, load_table
-from ctxrepro.pretext_eval import read_rgb
+from ctxrepro.pretext.color import project_colors
+from ctxrepro.pretext.data import load_table
+from ctxrepro.pretext.export import read_rgb
+from ctxrepro.seeds import generator
 from ctxrepro.stage import StageContext, StageError
 
 MANIFEST = Path("data/resized/manifest.csv")

@@ -11,15 +11,16 @@ import numpy as np
 import torch
 
 from ctxrepro.config import param
-from ctxrepro.convert import (INITS, CropSet, TrunkSpec, convert, load_pretext_tower, log_mapping, sample_crops,
-                              save_checkpoint)
 from ctxrepro.data.images import JunkImage, decode_rgb, open_jpeg
 from ctxrepro.data.voc import read_image_set
 from ctxrepro.io import atomic_dir, atomic_write_json
-from ctxrepro.pretext_data import derive_seed, read_manifest
+from ctxrepro.pretext.data import read_manifest
 from ctxrepro.progress import track
-from ctxrepro.rescale import RescaleConfig
+from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
+from ctxrepro.transfer.convert import INITS, CropSet, convert, load_pretext_tower, log_mapping, sample_crops
+from ctxrepro.transfer.rescale import RescaleConfig
+from ctxrepro.transfer.trunk import TrunkSpec, save_checkpoint
 
 PRETRAIN = Path("models/pretrain.pt")
 OUT_DIR = Path("models/convert")

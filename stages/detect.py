@@ -12,7 +12,6 @@ import torch
 from ctxrepro import viz
 from ctxrepro.checkpoint import atomic_torch_save
 from ctxrepro.config import param
-from ctxrepro.convert import INITS, Converted, load_checkpoint
 from ctxrepro.data.voc import SPLITS, VOC_CLASSES
 from ctxrepro.detection import table
 from ctxrepro.detection.infer import TestConfig, detect_all, write_results
@@ -22,8 +21,10 @@ from ctxrepro.detection.sampling import SamplingConfig
 from ctxrepro.detection.train import SolverConfig, train
 from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
 from ctxrepro.metrics.voc import VocEvalError, evaluate, summary
-from ctxrepro.pretext_data import derive_seed
+from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
+from ctxrepro.transfer.convert import INITS
+from ctxrepro.transfer.trunk import Converted, load_checkpoint
 
 VOC07 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
 TRUNKS = Path("models/convert")

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxrepro import mining_html
 from ctxrepro.config import param
 from ctxrepro.data.voc import SPLITS, VOC_CLASSES, read_image_set
 from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
 from ctxrepro.metrics.purity import chance_reference, purity_coverage
-from ctxrepro.mining import (MiningResult, SearchConfig, folder_images, mine, purity_sets,
-                             select_clusters, voc_eval_labels)
-from ctxrepro.mining_search import BankSpec
-from ctxrepro.pretext_data import derive_seed
-from ctxrepro.pretext_eval import Pretrained, load_pretrained
+from ctxrepro.mining import html as mining_html
+from ctxrepro.mining.constellations import (MiningResult, SearchConfig, folder_images, mine, purity_sets,
+                                            select_clusters, voc_eval_labels)
+from ctxrepro.mining.search import BankSpec
+from ctxrepro.pretext.export import Pretrained, load_pretrained
+from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.viz import write_csv
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctxrepro import retrieval as R
 from ctxrepro import viz
+from ctxrepro.analysis import retrieval as R
 from ctxrepro.config import param
 from ctxrepro.data.voc import VOC_CLASSES, load_split
 from ctxrepro.io import atomic_write_json
-from ctxrepro.patches import cut_patches
-from ctxrepro.pretext_data import generator
-from ctxrepro.pretext_eval import Pretrained, load_pretrained, read_rgb
+from ctxrepro.pretext.export import Pretrained, load_pretrained, read_rgb
+from ctxrepro.pretext.sampling import cut_patches
+from ctxrepro.seeds import generator
 from ctxrepro.stage import StageContext, StageError
 
 VOC07 = Path("data/raw/voc2007/VOCdevkit/VOC2007")

@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from ctxrepro.config import param
-from ctxrepro.convert import load_trunk
 from ctxrepro.data.nyu import SHAPE_HW
-from ctxrepro.depth_normals import PlaneFit
 from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
 from ctxrepro.metrics.normals import NormalsEvalError
-from ctxrepro.normals import (KMEANS_SEED, TrainSettings, build_net, kmeans_codebook, load_vocab, predict_coarse,
-                              train_normals, trunk_output)
-from ctxrepro.normals_data import GT_SOURCES, ground_truth, load_images, load_train, open_nyu, vocab_path
-from ctxrepro.normals_report import evaluate_and_store, examples_png, table2_markdown
-from ctxrepro.pretext_data import derive_seed
+from ctxrepro.normals.data import GT_SOURCES, ground_truth, load_images, load_train, open_nyu, vocab_path
+from ctxrepro.normals.depth import PlaneFit
+from ctxrepro.normals.model import (KMEANS_SEED, TrainSettings, build_net, kmeans_codebook, load_vocab, predict_coarse,
+                                    train_normals, trunk_output)
+from ctxrepro.normals.report import evaluate_and_store, examples_png, table2_markdown
+from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
+from ctxrepro.transfer.trunk import load_trunk
 
 NYU_DIR = Path("data/raw/nyuv2")
 TRUNKS = Path("models/convert")
@@ -53,7 +53,7 @@ class Params:
     log_every: int = param(100, min=1, help="steps between loss log lines")
     eval_batch: int = param(8, min=1, help="test images per forward pass")
     examples: int = param(4, min=1, max=32, help="test images in the PNG")
-    depth_fit: PlaneFit = param(PlaneFit(), help="plane fit for normals from depth (ctxrepro.depth_normals)")
+    depth_fit: PlaneFit = param(PlaneFit(), help="plane fit for normals from depth (ctxrepro.normals.depth)")
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.init):

@@ -11,12 +11,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ctxrepro import pretext_eval as E
 from ctxrepro import viz
+from ctxrepro.analysis import pretext_eval as E
 from ctxrepro.config import param
 from ctxrepro.data.voc import load_split
 from ctxrepro.io import atomic_write_json
-from ctxrepro.pretext_data import generator, load_kinds, load_table
+from ctxrepro.pretext.data import load_kinds, load_table
+from ctxrepro.seeds import generator
 from ctxrepro.stage import StageContext, StageError
 
 VOC07 = Path("data/raw/voc2007/VOCdevkit/VOC2007")

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-from ctxrepro import distributed as D
 from ctxrepro.checkpoint import CheckpointMismatch
-from ctxrepro.color import COLOR_MODES, PatchAugment
 from ctxrepro.config import param
-from ctxrepro.engine import OptimConfig, TrainConfig, TrainPaths, TrainingError, train
 from ctxrepro.io import atomic_write_json
-from ctxrepro.patches import MODES
-from ctxrepro.pretext_data import BatchSpec, ImageTable, load_kinds, load_table, usable
+from ctxrepro.pretext import distributed as D
+from ctxrepro.pretext.color import COLOR_MODES, PatchAugment
+from ctxrepro.pretext.data import BatchSpec, ImageTable, load_kinds, load_table, usable
+from ctxrepro.pretext.engine import OptimConfig, TrainConfig, TrainingError, TrainPaths, train
+from ctxrepro.pretext.sampling import MODES
 from ctxrepro.stage import StageContext, StageError
 
 MANIFEST = Path("data/resized/manifest.csv")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ctxrepro.config import param
 from ctxrepro.io import atomic_write_json
-from ctxrepro.report import write_report
+from ctxrepro.report.writer import write_report
 from ctxrepro.stage import StageContext
 
 METRICS = Path("metrics/report.json")

@@ -1,4 +1,4 @@
-"""Tests for ctxrepro.aberration and the aberration stage (section 4.2, Figure 5): targets, the shared
+"""Tests for ctxrepro.analysis.aberration and the aberration stage (section 4.2, Figure 5): targets, the shared
 evaluation grid, RMSE on constructed cases, and a constructed case where aberration is the only cue."""
 
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctxrepro import aberration as A
+from ctxrepro.analysis import aberration as A
 from ctxrepro.config import BaseParams
 from ctxrepro.stage import StageContext
 from ctxrepro.world.scenes import chromatic_aberration
@@ -153,9 +153,9 @@ def test_aberration_stage_writes_metrics_and_figures(tmp_path, keep_threads):
 
 
 def test_aberration_stage_on_resized_images_has_no_control(tmp_path, keep_threads):
-    from stages import aberration as stage
-
     from test_pretext_data import write_dataset
+
+    from stages import aberration as stage
 
     write_dataset(tmp_path)  # data/resized: 6 train images (one 40 x 40), 3 val images
     params = stage.Params(source="images", train_images=4, test_images=3, patches_per_image=4, grid=2, patch=16,

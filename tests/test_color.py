@@ -1,12 +1,12 @@
-"""Tests for ctxrepro.color: section 3.1 preprocessing (downsampling, colour, RMS)."""
+"""Tests for ctxrepro.pretext.color: section 3.1 preprocessing (downsampling, colour, RMS)."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ctxrepro.color import (PatchAugment, preprocess, project_colors, projection_matrix,
-                            random_downsample, resample_down_up)
+from ctxrepro.pretext.color import (PatchAugment, preprocess, project_colors, projection_matrix, random_downsample,
+                                    resample_down_up)
 
 # B = I - a^T a / 6 for a = [-1, 2, -1], written out by hand
 B_HAND = np.array([[5 / 6, 1 / 3, -1 / 6], [1 / 3, 1 / 3, 1 / 3], [-1 / 6, 1 / 3, 5 / 6]])

@@ -1,4 +1,4 @@
-"""Tests for ctxrepro.convert and the convert stage: BN folding, fc6 -> conv6, the Figure 6 trunk, the
+"""Tests for ctxrepro.transfer.convert and the convert stage: BN folding, fc6 -> conv6, the Figure 6 trunk, the
 checkpoint format (paper section 4.3, METHOD.md "Transfer")."""
 
 import json
@@ -11,14 +11,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ctxrepro.color import GREEN_MAGENTA_AXIS
 from ctxrepro.config import BaseParams
-from ctxrepro.convert import (FORMAT, CropSet, TrunkSpec, build_trunk, convert, fc_to_conv, fold_batchnorms,
-                              fold_bn_, load_checkpoint, load_pretext_tower, load_trunk, log_mapping, sample_crops,
-                              save_checkpoint, set_input_norm, transfer_tower, Trunk)
-from ctxrepro.model import ContextNet
-from ctxrepro.rescale import RescaleConfig
+from ctxrepro.pretext.color import GREEN_MAGENTA_AXIS
+from ctxrepro.pretext.model import ContextNet
 from ctxrepro.stage import StageContext, StageError
+from ctxrepro.transfer.convert import (CropSet, convert, fold_batchnorms, fold_bn_, load_pretext_tower, log_mapping,
+                                       sample_crops, set_input_norm, transfer_tower)
+from ctxrepro.transfer.rescale import RescaleConfig
+from ctxrepro.transfer.trunk import (FORMAT, Trunk, TrunkSpec, build_trunk, fc_to_conv, load_checkpoint, load_trunk,
+                                     save_checkpoint)
 
 LOG = logging.getLogger("test_convert")
 

@@ -1,6 +1,6 @@
 """Distributed training on the CPU (gloo, 2 processes): gradients equal one process on the global batch.
 
-With batch norm synchronised over ranks (ctxrepro.distributed.GlobalBatchNorm) and the loss scaled by
+With batch norm synchronised over ranks (ctxrepro.pretext.distributed.GlobalBatchNorm) and the loss scaled by
 engine.loss_scale, DDP's averaged gradient is the single-process gradient of the global batch; with
 per-rank batch norm it is not (the control that shows the comparison can fail).
 """
@@ -11,14 +11,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_engine import make_cfg
 from torch import nn
 
-from ctxrepro import distributed as D
-from ctxrepro.engine import OptimConfig, train_step
-from ctxrepro.model import build_model
-from ctxrepro.patches import grid_pairs
-
-from test_engine import make_cfg
+from ctxrepro.pretext import distributed as D
+from ctxrepro.pretext.engine import OptimConfig, train_step
+from ctxrepro.pretext.model import build_model
+from ctxrepro.pretext.sampling import grid_pairs
 
 VARIANTS = [(loss, sync) for loss in ("sum", "mean") for sync in (True, False)]
 
@@ -125,10 +124,11 @@ def test_env_info_reads_torchrun_variables(monkeypatch):
 
 @pytest.mark.slow
 def test_pretrain_stage_with_two_spawned_ranks(tmp_path, monkeypatch, caplog):
+    from test_pretext_data import write_dataset
+
     from ctxrepro.config import BaseParams
     from ctxrepro.stage import StageContext
     from stages import pretrain
-    from test_pretext_data import write_dataset
 
     write_dataset(tmp_path)
     monkeypatch.chdir(tmp_path)

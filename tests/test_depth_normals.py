@@ -1,4 +1,4 @@
-"""Normals from depth by local plane fitting (ctxrepro.depth_normals): analytic planes, depth edges, holes,
+"""Normals from depth by local plane fitting (ctxrepro.normals.depth): analytic planes, depth edges, holes,
 and the tiny world's rendered rooms, whose normals are exact."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ctxrepro.depth_normals import NYU_INTRINSICS, PlaneFit, back_project, normals_from_depth
+from ctxrepro.normals.depth import NYU_INTRINSICS, PlaneFit, back_project, normals_from_depth
 
 SMALL_K = (130.0, 131.0, 80.5, 60.5)  # intrinsics of a 120 x 160 test camera
 

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from ctxrepro.convert import TrunkSpec, build_trunk
 from ctxrepro.detection import boxes as B
 from ctxrepro.detection import table
 from ctxrepro.detection.infer import nms_per_class, results_lines
 from ctxrepro.detection.model import FastRCNN, Output, box_targets, multitask_loss, unnormalise
 from ctxrepro.detection.sampling import SamplingConfig, sample_rois
 from ctxrepro.detection.train import SolverConfig, image_order, set_lr
-
+from ctxrepro.transfer.trunk import TrunkSpec, build_trunk
 
 # ---- boxes -------------------------------------------------------------------------------------------------
 

@@ -18,9 +18,9 @@ from PIL import Image
 from scipy.io import savemat
 
 from ctxrepro.config import BaseParams
-from ctxrepro.convert import TrunkSpec, build_trunk, save_checkpoint
 from ctxrepro.detection.boxes import iou
 from ctxrepro.stage import StageContext, StageError
+from ctxrepro.transfer.trunk import TrunkSpec, build_trunk, save_checkpoint
 from stages import detect, proposals
 
 H, W = 64, 80

@@ -1,4 +1,4 @@
-"""ctxrepro.docker against a stand-in docker client (tests/fixtures/fake_docker), and the Dockerfile lint."""
+"""ctxrepro.container against a stand-in docker client (tests/fixtures/fake_docker), and the Dockerfile lint."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from ctxrepro import docker as dk
+from ctxrepro import container as dk
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_DOCKER = Path(__file__).resolve().parent / "fixtures" / "fake_docker"

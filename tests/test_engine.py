@@ -1,4 +1,4 @@
-"""Tests for ctxrepro.engine and ctxrepro.checkpoint: bit-identical resume (stop and SIGKILL), refusal of
+"""Tests for ctxrepro.pretext.engine and ctxrepro.checkpoint: bit-identical resume (stop and SIGKILL), refusal of
 changed params, the non-finite guard, the time budget, evaluation and export, and the pretrain stage."""
 
 import json
@@ -15,13 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctxrepro import engine
 from ctxrepro.checkpoint import CheckpointMismatch, load_checkpoint
-from ctxrepro.color import PatchAugment
-from ctxrepro.distributed import DistInfo
-from ctxrepro.engine import OptimConfig, TrainConfig, TrainingError, TrainPaths, loss_scale, prepare_inputs, train
-from ctxrepro.model import build_model
-from ctxrepro.pretext_data import BatchSpec, heldout_plans, load_table, usable
+from ctxrepro.pretext import engine
+from ctxrepro.pretext.color import PatchAugment
+from ctxrepro.pretext.data import BatchSpec, heldout_plans, load_table, usable
+from ctxrepro.pretext.distributed import DistInfo
+from ctxrepro.pretext.engine import (OptimConfig, TrainConfig, TrainingError, TrainPaths, loss_scale, prepare_inputs,
+                                     train)
+from ctxrepro.pretext.model import build_model
 
 from test_pretext_data import write_dataset
 

@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from ctxrepro.metrics.voc import (THRESHOLDS, VocEvalError, eleven_point_ap, evaluate, matlab_colon, voc_command)
+from ctxrepro.metrics.voc import THRESHOLDS, VocEvalError, eleven_point_ap, evaluate, matlab_colon, voc_command
 
 GT_BOX = (1, 1, 10, 10)  # area 100
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import tar_bytes
 from PIL import Image
 
 from ctxrepro.data import fetch
@@ -17,7 +18,6 @@ from ctxrepro.data.extract import UnsafeArchiveError
 from ctxrepro.data.fetch import fetch_dataset, plan_sources
 from ctxrepro.data.imagenet import list_train_images, list_val_images
 from ctxrepro.data.registry import Archive, Checksum, ChecksumError, Expected, archives_for
-from helpers import tar_bytes
 
 LOG = logging.getLogger("test_fetch")
 

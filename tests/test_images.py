@@ -6,13 +6,10 @@ import io
 
 import numpy as np
 import pytest
+from helpers import jpeg_bytes, photo
 from PIL import Image
 
 from ctxrepro.data.images import REASONS, JunkImage, decode_rgb, draft_size, open_jpeg, read_rgb, sniff_format
-from helpers import jpeg_bytes, photo
-
-
-
 
 
 def write(path, data: bytes):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from ctxrepro.mining import (GridLayout, SearchConfig, geometric_verify, mine, rank_constellations,
-                             sample_constellations, select_clusters, verify_batch)
-from ctxrepro.mining_search import BankSpec, FeatureBank, build_bank, grid_geometry, image_grids, search
-from ctxrepro.model import build_model
+from ctxrepro.mining.constellations import (GridLayout, SearchConfig, geometric_verify, mine, rank_constellations,
+                                            sample_constellations, select_clusters, verify_batch)
+from ctxrepro.mining.search import BankSpec, FeatureBank, build_bank, grid_geometry, image_grids, search
+from ctxrepro.pretext.model import build_model
 
 LOG = logging.getLogger("test_mining")
 
@@ -153,8 +153,8 @@ def test_drop_views_match_trainings_order(color):
     mining shortcut resizes once and scales by the expected RMS: the kept channel must agree."""
     import torch.nn.functional as F
 
-    from ctxrepro.color import PatchAugment, normalize_rms
-    from ctxrepro.mining_search import drop_views
+    from ctxrepro.mining.search import drop_views
+    from ctxrepro.pretext.color import PatchAugment, normalize_rms
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand((5, 3, 48, 48), generator=g) * 255

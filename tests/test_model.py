@@ -1,4 +1,4 @@
-"""Tests for ctxrepro.model: the Figure 3 network (section 3, METHOD.md "Network")."""
+"""Tests for ctxrepro.pretext.model: the Figure 3 network (section 3, METHOD.md "Network")."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ctxrepro.model import ContextNet, build_model, build_tower
+from ctxrepro.pretext.model import ContextNet, build_model, build_tower
 
 ALEXNET_NAMES = ["conv1", "relu1", "pool1", "norm1", "conv2", "relu2", "pool2", "norm2",
                  "conv3", "bn3", "relu3", "conv4", "bn4", "relu4", "conv5", "bn5", "relu5",

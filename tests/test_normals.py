@@ -14,11 +14,11 @@ import scipy.io
 import torch
 from torch import nn
 
-from ctxrepro.normals import (IGNORE, TrainSet, TrainSettings, _batch, assign_codes, build_net, decode,
-                              full_resolution, kmeans_codebook, load_vocab, predict_coarse, train_normals,
-                              trunk_output, upsample_normals)
-from ctxrepro.normals_data import DepthGroundTruth, FairGroundTruth, coarse_targets, ground_truth, open_nyu
-from ctxrepro.normals_report import combined_table, npz_writer, table2_markdown
+from ctxrepro.normals.data import DepthGroundTruth, FairGroundTruth, coarse_targets, ground_truth, open_nyu
+from ctxrepro.normals.model import (IGNORE, TrainSet, TrainSettings, _batch, assign_codes, build_net, decode,
+                                    full_resolution, kmeans_codebook, load_vocab, predict_coarse, train_normals,
+                                    trunk_output, upsample_normals)
+from ctxrepro.normals.report import combined_table, npz_writer, table2_markdown
 
 LOG = logging.getLogger("test_normals")
 A, B = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
@@ -175,7 +175,7 @@ def test_open_nyu_names_a_missing_file(tmp_path):
 
 def test_ground_truth_source_selection(tmp_path):
     from ctxrepro.data.nyu import NyuLabeled
-    from ctxrepro.depth_normals import PlaneFit, normals_from_depth
+    from ctxrepro.normals.depth import PlaneFit, normals_from_depth
 
     _write_matlab_layout(tmp_path / "nyu_depth_v2_labeled.mat", 2)
     nyu = NyuLabeled(tmp_path / "nyu_depth_v2_labeled.mat")
@@ -327,7 +327,7 @@ def _tiny_world(root, images: int, train: int) -> None:
 
 
 def _tiny_trunk(root, init: str) -> None:
-    from ctxrepro.convert import TrunkSpec, build_trunk, save_checkpoint
+    from ctxrepro.transfer.trunk import TrunkSpec, build_trunk, save_checkpoint
 
     torch.manual_seed(0)
     spec = TrunkSpec(tower="small", width=8, conv6=32, conv6_kernel=2, conv6b=16, fc7=16, input_side=64)
@@ -340,8 +340,8 @@ def _tiny_trunk(root, init: str) -> None:
 def test_stage_end_to_end_on_a_tiny_world(tmp_path):
     from ctxrepro.config import BaseParams
     from ctxrepro.data.nyu import load_normals, read_splits
-    from ctxrepro.depth_normals import PlaneFit
     from ctxrepro.metrics.normals import KEYS, evaluate_arrays
+    from ctxrepro.normals.depth import PlaneFit
     from ctxrepro.stage import StageContext
     from stages.normals import Params, run
 

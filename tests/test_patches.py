@@ -1,10 +1,9 @@
-"""Tests for ctxrepro.patches: the grid sampler's invariants (section 3) and patch cutting."""
+"""Tests for ctxrepro.pretext.sampling: the grid sampler's invariants (section 3) and patch cutting."""
 
 import pytest
 import torch
 
-from ctxrepro.patches import (batch_pairs, cut_patches, cut_patches_batch, grid_origin_range,
-                              sample_grid)
+from ctxrepro.pretext.sampling import batch_pairs, cut_patches, cut_patches_batch, grid_origin_range, sample_grid
 
 # label of the second patch relative to the first: 0 1 2 / 3 . 4 / 5 6 7
 LABEL_OF = {(-1, -1): 0, (-1, 0): 1, (-1, 1): 2, (0, -1): 3, (0, 1): 4, (1, -1): 5, (1, 0): 6,

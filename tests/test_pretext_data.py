@@ -1,4 +1,4 @@
-"""Tests for ctxrepro.pretext_data: step-seeded batches, packing, offsets, decoding, held-out plans."""
+"""Tests for ctxrepro.pretext.data: step-seeded batches, packing, offsets, decoding, held-out plans."""
 
 import csv
 import json
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torchvision.io import decode_image, encode_jpeg
 
-from ctxrepro.patches import sample_grid
-from ctxrepro.pretext_data import (DATA, BatchSpec, StepBatches, derive_seed, finish_batch, generator,
-                                   heldout_plans, load_kinds, load_table, make_loader, plan_step, read_manifest,
-                                   usable)
+from ctxrepro.pretext.data import (DATA, BatchSpec, StepBatches, finish_batch, heldout_plans, load_kinds, load_table,
+                                   make_loader, plan_step, read_manifest, usable)
+from ctxrepro.pretext.sampling import sample_grid
+from ctxrepro.seeds import derive_seed, generator
 
 SPEC = BatchSpec(patch=24, gap=12, jitter=2, grids_per_image=2, max_patches=40)
 # (split, height, width): varied sizes; 40x40 is too small for a 2x2 grid of 24 px patches (needs 60)
@@ -168,7 +168,7 @@ def test_corrupt_or_resized_images_are_errors_naming_the_file(manifest):
     first = t.path(0)
     first.write_bytes(b"\xff\xd8 not a jpeg")
     plan = [(0, [sample_grid(int(t.heights[0]), int(t.widths[0]), torch.Generator().manual_seed(0), 24, 12, 2)])]
-    from ctxrepro.pretext_data import load_plan
+    from ctxrepro.pretext.data import load_plan
     with pytest.raises(ValueError, match=str(first.name)):
         load_plan(t, plan, 24)
     second = t.path(1)

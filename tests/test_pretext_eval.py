@@ -1,4 +1,4 @@
-"""Tests for ctxrepro.pretext_eval and the pretext_eval stage (section 4.6): pair selection geometry,
+"""Tests for ctxrepro.analysis.pretext_eval and the pretext_eval stage (section 4.6): pair selection geometry,
 in-box selection, confusion counts, accuracies, the checkpoint round trip and the stage's outputs."""
 
 import csv
@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_pretext_data import write_dataset
 
-from ctxrepro import pretext_eval as E
-from ctxrepro.color import PatchAugment, projection_matrix
+from ctxrepro.analysis import pretext_eval as E
 from ctxrepro.config import BaseParams
 from ctxrepro.data.voc import BndBox, VocObject
-from ctxrepro.engine import TrainConfig, export_weights
-from ctxrepro.model import build_model
-from ctxrepro.patches import NEIGHBOUR_OFFSETS
-from ctxrepro.pretext_data import BatchSpec
+from ctxrepro.pretext.color import PatchAugment, projection_matrix
+from ctxrepro.pretext.data import BatchSpec
+from ctxrepro.pretext.engine import TrainConfig, export_weights
+from ctxrepro.pretext.model import build_model
+from ctxrepro.pretext.sampling import NEIGHBOUR_OFFSETS
 from ctxrepro.stage import StageContext
-
-from test_pretext_data import write_dataset
 
 PATCH, GAP, JITTER, NET = 24, 12, 2, 16
 # (id, height, width, objects (name, xmin, ymin, xmax, ymax, truncated, difficult)), 1-based boxes

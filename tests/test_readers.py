@@ -11,13 +11,12 @@ import zipfile
 import h5py
 import numpy as np
 import pytest
+from helpers import tar_bytes
 from scipy.io import savemat
 
 from ctxrepro.data import nyu
 from ctxrepro.data.imagenet import iter_tar_of_tars
-from ctxrepro.data.voc import (VOC_CLASSES, BndBox, load_split, parse_annotation, read_class_image_set,
-                               read_image_set)
-from helpers import tar_bytes
+from ctxrepro.data.voc import VOC_CLASSES, BndBox, load_split, parse_annotation, read_class_image_set, read_image_set
 
 # As the VOC2007 devkit writes it: tabs, a nested <annotation> inside <source>, no <occluded>.
 VOC2007_XML = """<annotation>

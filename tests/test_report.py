@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctxrepro import paper_numbers as P
-from ctxrepro import report as R
-from ctxrepro import report_plots as RP
 from ctxrepro.detection.table import paper_row
+from ctxrepro.report import paper_numbers as P
+from ctxrepro.report import plots as RP
+from ctxrepro.report import writer as R
 
 CLASSES = ("bus", "car", "diningtable", "horse", "motorbike", "sofa", "train", "tvmonitor")
 PARAMS = "base:\n  seed: 0\n"

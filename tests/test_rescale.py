@@ -1,4 +1,4 @@
-"""Tests for ctxrepro.rescale: Kraehenbuehl et al.'s within-layer and between-layer initialisation (METHOD.md
+"""Tests for ctxrepro.transfer.rescale: Kraehenbuehl et al.'s within-layer and between-layer initialisation (METHOD.md
 "Transfer"), checked on held-out data and against hand computations."""
 
 import logging
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctxrepro.rescale import (RescaleConfig, calibrate, init_layer, kmeans, normalize_layer, whiten_basis,
-                              within_layer_init)
+from ctxrepro.transfer.rescale import (RescaleConfig, calibrate, init_layer, kmeans, normalize_layer, whiten_basis,
+                                       within_layer_init)
 
 LOG = logging.getLogger("test_rescale")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import jpeg_bytes, photo
 from PIL import Image
 from scipy import stats
 
@@ -27,7 +28,6 @@ from ctxrepro.data.resize import ResizeConfig, draw_pixels, plan_size, resample,
 from ctxrepro.data.resize_run import ResizeError, iter_tasks, run_shard
 from ctxrepro.stage import StageContext
 from stages import resize as stage
-from helpers import jpeg_bytes, photo
 
 # The tiny profile: 48-px patches, 24-px gap (a 2x2 grid needs 120 px), 50K..90K pixels.
 TINY = ResizeConfig(min_pixels=50_000, max_pixels=90_000, quality=90, patch=48, gap=24, seed=7)

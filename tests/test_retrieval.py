@@ -1,4 +1,4 @@
-"""Tests for ctxrepro.retrieval and the nn stage (section 4.1, Figure 4): normalised correlation against a
+"""Tests for ctxrepro.analysis.retrieval and the nn stage (section 4.1, Figure 4): normalised correlation against a
 hand example, streamed top-k against a full sort, patch labels, precision@k, the three feature sources."""
 
 import csv
@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-
-from ctxrepro import retrieval as R
-from ctxrepro.config import BaseParams
-from ctxrepro.pretext_eval import load_pretrained
-from ctxrepro.stage import StageContext
-
 from test_pretext_eval import write_model, write_voc
+
+from ctxrepro.analysis import retrieval as R
+from ctxrepro.analysis.pretext_eval import load_pretrained
+from ctxrepro.config import BaseParams
+from ctxrepro.stage import StageContext
 
 
 def test_normalise_is_mean_free_unit_length():

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from ctxrepro.data import extract, imagenet
 from ctxrepro.data.download import Downloaded, NotFoundError, RetryPolicy, download_file, fetch_small
-from ctxrepro.data.registry import (IMAGENET_HELP, Archive, ChecksumError, Expected, Verdict, archives_for,
-                                    hash_file, lookup, parse_md5sums)
+from ctxrepro.data.registry import (IMAGENET_HELP, Archive, ChecksumError, Expected, Verdict, archives_for, hash_file,
+                                    lookup, parse_md5sums)
 from ctxrepro.io import atomic_dir
 
 OFFICIAL = "official"

@@ -7,7 +7,7 @@ Python's salted hash()), so a result never depends on order, worker count or sha
 ways, as the paper does: ImageNet's typical 500x375 (187.5K pixels) lies near the bottom of the range, so
 most images grow; never upscaling would shift the paper's scale distribution. An image whose resized
 short side cannot hold a 2x2 grid of patches with their gap (2 * patch + gap pixels; 240 in the paper)
-is skipped as too small: the patch sampler (ctxrepro.patches) needs exactly that much. (The released
+is skipped as too small: the patch sampler (ctxrepro.pretext.sampling) needs exactly that much. (The released
 code, cdoersch/deepcontext, also enlarges every image and skips after resizing, with a 7-px jitter margin
 that our sampler does not need because it clamps the jitter.) Optionally (`max_upscale`, off in the
 paper profile), thumbnails that would have to be enlarged more than that factor are skipped as too small.

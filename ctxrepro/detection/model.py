@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
-from ctxrepro.convert import Head, Trunk
+from ctxrepro.transfer.trunk import Head, Trunk
 
 # Fast R-CNN's BBOX_NORMALIZE_STDS (py-faster-rcnn's fixed values): targets are divided by these.
 BOX_STDS = (0.1, 0.1, 0.2, 0.2)

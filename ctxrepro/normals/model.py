@@ -4,7 +4,7 @@ The paper fine-tunes its colour-dropping network "following the finetuning proce
 the FAIR self-supervision benchmark's release of that protocol (METHOD.md "Transfer") is what this follows:
 - a codebook of 40 normals, k-means clusters of training normals (`vocab40.mat` when given, else
   `kmeans_codebook` on the training split);
-- the trunk (conv1..conv6b of Figure 6, `ctxrepro.convert.load_trunk`) with a small conv head that
+- the trunk (conv1..conv6b of Figure 6, `ctxrepro.transfer.trunk.load_trunk`) with a small conv head that
   classifies every cell of the trunk's coarse output grid into a codeword (cross-entropy; cells without
   enough ground truth are ignored);
 - decoding: the probability-weighted mean of the codewords, renormalised (`decode`);
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctxrepro.model import xavier_init_
-from ctxrepro.pretext_data import derive_seed
+from ctxrepro.pretext.model import xavier_init_
+from ctxrepro.seeds import derive_seed
 
 IGNORE = -1  # target code of a cell without ground truth
 HEAD_SEED, BATCH_SEED, KMEANS_SEED = 81, 82, 83  # seed purposes (derive_seed keys), shared by all inits

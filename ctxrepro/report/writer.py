@@ -2,10 +2,10 @@
 
 The `report` stage (last in dvc.yaml) and `ctxrepro report` both call `write_report`. It reads the stages'
 metrics files (never re-typed numbers), the params profile (`ctxrepro.profiles.current_profile`) and the
-commit (`ctxrepro.stage.git_commit`); draws the DVC plots as PNGs under plots/report (`ctxrepro.report_plots`,
+commit (`ctxrepro.stage.git_commit`); draws the DVC plots as PNGs under plots/report (`ctxrepro.report.plots`,
 since `dvc plots show` needs a CDN); links the stages' montage figures; and renders `dvc metrics diff
-<against> --json` as a "what changed" table. Tables: `ctxrepro.report_tables`; paper values:
-`ctxrepro.paper_numbers`.
+<against> --json` as a "what changed" table. Tables: `ctxrepro.report.tables`; paper values:
+`ctxrepro.report.paper_numbers`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import typer
 
-from ctxrepro import report_tables as T
 from ctxrepro.io import atomic_dir, atomic_write_text
 from ctxrepro.profiles import current_profile
-from ctxrepro.report_plots import PLOTS as REPORT_PLOTS
-from ctxrepro.report_plots import render_plots
+from ctxrepro.report import tables as T
+from ctxrepro.report.plots import PLOTS as REPORT_PLOTS
+from ctxrepro.report.plots import render_plots
 from ctxrepro.stage import git_commit
 
 REPORT = Path("REPORT.md")
@@ -139,7 +139,7 @@ def diff_section(diff: MetricsDiff, max_rows: int) -> list[str]:
 def header(run: T.RunData) -> list[str]:
     lines = ["# Reproduction report: Doersch, Gupta, Efros (ICCV 2015), context prediction", "",
              "Written by the `report` stage (`ctxrepro report`). Every reproduced number is read from the stages' "
-             "metrics files; the paper's values (`ctxrepro/paper_numbers.py`) are printed beside them, never used "
+             "metrics files; the paper's values (`ctxrepro/report/paper_numbers.py`) are printed beside them, never used "
              "to compute anything. `not run`: the stage's metrics file is missing.", "",
              f"- profile: `{run.profile}` (params.yaml against profiles/*.yaml)", f"- commit: `{run.commit}`"]
     world = [T.DATASETS[d] for d, kind in sorted(run.sources.items()) if kind == "builtin" and d in T.DATASETS]
@@ -179,7 +179,7 @@ def write_report(root: Path, against: str = "HEAD~1", max_diff_rows: int = 200, 
                  diff_fn: Callable[[Path, str, float], MetricsDiff] = metrics_diff,
                  log: logging.Logger | None = None) -> dict:
     """Write REPORT.md and plots/report/ under root (both complete or absent); return a summary for metrics."""
-    log = log or logging.getLogger("ctxrepro.report")
+    log = log or logging.getLogger("ctxrepro.report.writer")
     run = T.load_run(root, current_profile(root), git_commit(root))
     for _, why in sorted(run.unreadable.items()):
         log.warning("report: %s", why)

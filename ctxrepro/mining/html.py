@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ctxrepro import viz
 from ctxrepro.data.images import read_rgb
 from ctxrepro.io import atomic_write_bytes, atomic_write_text
-from ctxrepro.mining import MiningResult
+from ctxrepro.mining.constellations import MiningResult
 
 QUERY_FRAME = (60, 110, 220)  # the query constellation's border, so it reads apart from its matches
 

@@ -22,9 +22,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ctxrepro.metrics.normals import angular_errors, pooled_metrics_spilled
-from ctxrepro.normals import full_resolution
-from ctxrepro.normals_data import GroundTruth
-from ctxrepro.paper_numbers import PAPER_TABLE2, TABLE2_COLUMNS as TABLE_KEYS
+from ctxrepro.normals.data import GroundTruth
+from ctxrepro.normals.model import full_resolution
+from ctxrepro.normals.table import PAPER_TABLE2
+from ctxrepro.normals.table import TABLE2_COLUMNS as TABLE_KEYS
 
 
 @contextlib.contextmanager

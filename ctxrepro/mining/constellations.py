@@ -13,7 +13,7 @@ The geometry and the ranking, on NumPy arrays:
   image, then every image covered twice, three times, and so on.
 
 `mine` runs the whole of section 4.5 on a list of images; the feature bank and the memory-bounded
-search that produce the matches live in `ctxrepro.mining_search`.
+search that produce the matches live in `ctxrepro.mining.search`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ctxrepro.data.voc import parse_annotation, read_image_set
-from ctxrepro.mining_search import BankSpec, Candidates, FeatureBank, GridLayout, build_bank, search
+from ctxrepro.mining.search import BankSpec, Candidates, FeatureBank, GridLayout, build_bank, search
 
 SIDE_RANGE = (2.0 / 3.0, 4.0 / 3.0)  # section 4.5: side of S between 2/3 and 4/3 of the patches' mean side
 # (x, y) signs of the corners (cx -+ s/2, cy -+ s/2) in the order TL, TR, BL, BR; image y points down.

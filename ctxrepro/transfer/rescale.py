@@ -1,7 +1,7 @@
 """Data-dependent initialisation and rescaling (Kraehenbuehl et al. 2015, arXiv:1511.06856), as the paper's
 Table 1 "rescale" and "K-means" rows use it (section 4.3; METHOD.md "Transfer").
 
-A network here is a flat, ordered list of (name, module) run one after the other (`ctxrepro.convert`
+A network here is a flat, ordered list of (name, module) run one after the other (`ctxrepro.transfer.convert`
 flattens the Figure 6 network into one). Weight layers are `nn.Conv2d` and `nn.Linear`.
 
 - Within-layer (`init_layer`, `normalize_layer`): a new layer gets Gaussian weights, or k-means centres

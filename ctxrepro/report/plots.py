@@ -16,10 +16,10 @@ from typing import Callable
 
 import numpy as np
 
-from ctxrepro import paper_numbers as P
 from ctxrepro.data.voc import VOC_CLASSES
 from ctxrepro.io import atomic_write_bytes
-from ctxrepro.report_tables import RunData
+from ctxrepro.report import paper_numbers as P
+from ctxrepro.report.tables import RunData
 from ctxrepro.viz import plot_confusion
 
 PRETRAIN_CURVES = Path("dvclive/pretrain/plots/metrics/train")  # stages/pretrain.py: Live("dvclive/pretrain")
@@ -174,7 +174,7 @@ def purity_coverage(root: Path, run: RunData, out: Path) -> None:
     m = run.get("mine") or {}
     fig = _figure(5.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
-    if len(coverage):  # the first set's purity holds from coverage 0 (as mining_html draws it)
+    if len(coverage):  # the first set's purity holds from coverage 0 (as mining.html draws it)
         coverage, purity = np.concatenate([[0.0], coverage]), np.concatenate([[purity[0]], purity])
     auc, half = m.get("auc"), m.get("auc_at_0.5")
     label = "ours" + (f", AUC {auc:.3f} ({half:.3f})" if _is_num(auc) and _is_num(half) else "")

@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctxrepro.model import build_model
-from ctxrepro.patches import cut_patches
-from ctxrepro.pretext_data import derive_seed, generator
-from ctxrepro.pretext_eval import Pretrained, network_input
+from ctxrepro.pretext.export import Pretrained, network_input
+from ctxrepro.pretext.model import build_model
+from ctxrepro.pretext.sampling import cut_patches
 from ctxrepro.progress import track
+from ctxrepro.seeds import derive_seed, generator
 
 BACKGROUND = "background"
-NN_SEED, RANDOM_INIT, NN_COLOR = 61, 62, 63  # seed purposes (pretext_data: 1..5, pretext_eval: 51)
+NN_SEED, RANDOM_INIT, NN_COLOR = 61, 62, 63  # seed purposes (pretext.data: 1..5, pretext_eval: 51)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -1,9 +1,8 @@
 """The paper's numbers, each with the table, section or figure it comes from.
 
 They are printed beside ours in REPORT.md and never used to compute anything. Table 1's ConvNet rows
-live with the detect stage's own table (`ctxrepro.detection.table`) and are re-exported here. Table 2 is
-typed here because `ctxrepro.normals_report` (which holds the normals stage's copy) imports torch, which
-the report must not need; tests/test_report.py checks that the two copies agree. The rest come from the
+live with the detect stage's own table (`ctxrepro.detection.table`), Table 2's with the normals stage's
+(`ctxrepro.normals.table`); both are re-exported here, and neither imports torch. The rest come from the
 text of sections 4.2, 4.5.1 and 4.6, and from ../shared/METHOD.md "Headline numbers" (which quotes them).
 """
 
@@ -12,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ctxrepro.detection.table import PAPER_TABLE1
+from ctxrepro.normals.table import PAPER_TABLE2, TABLE2_COLUMNS
 
 __all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "TABLE1_OTHER_ROWS", "TABLE1_ORDER", "TABLE1_INIT", "TABLE2_INIT",
            "TABLE2_COLUMNS", "PaperValue", "SECTION_4_6", "SECTION_4_2", "FIGURE_9", "SECTION_4_5_1",
@@ -54,17 +54,8 @@ TABLE1_INIT = {"Scratch-Ours": "scratch", "Ours-projection": "ours", "Ours-color
                "VGG-K-means-rescale": "kmeans_rescale", "VGG-Ours-rescale": "ours_rescale",
                "VGG-ImageNet-rescale": "imagenet"}
 
-# Table 2 (NYUv2 surface normals, section 4.4): mean and median angular error in degrees (lower is better),
-# % of pixels within 11.25, 22.5 and 30 degrees (higher is better).
-PAPER_TABLE2 = (
-    ("Scratch", (38.6, 26.5, 33.1, 46.8, 52.5)),
-    ("Unsup. Tracking [57]", (34.2, 21.9, 35.7, 50.6, 57.0)),
-    ("Ours", (33.2, 21.3, 36.0, 51.2, 57.8)),
-    ("ImageNet Labels", (33.3, 20.8, 36.7, 51.7, 58.1)),
-)
 # The normals initialisation that reproduces each row ("Unsup. Tracking" is Wang & Gupta [57]'s method).
 TABLE2_INIT = {"Scratch": "scratch", "Ours": "ours", "ImageNet Labels": "imagenet"}
-TABLE2_COLUMNS = ("mean", "median", "within_11.25", "within_22.5", "within_30")  # PAPER_TABLE2's value order
 
 # Section 4.6: pretext accuracy in %, keyed like the pretext_eval metrics they sit beside.
 SECTION_4_6 = {

@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctxrepro.color import PatchAugment, preprocess
-from ctxrepro.model import build_tower
-from ctxrepro.patches import cut_patches
-from ctxrepro.pretext_data import derive_seed, generator
+from ctxrepro.pretext.color import PatchAugment, preprocess
+from ctxrepro.pretext.model import build_tower
+from ctxrepro.pretext.sampling import cut_patches
 from ctxrepro.progress import track
+from ctxrepro.seeds import derive_seed, generator
 
-# Purposes of derived seeds (pretext_data uses 1..5; these streams are this study's own).
+# Purposes of derived seeds (pretext.data uses 1..5; these streams are this study's own).
 POSITIONS, ORDER, INIT, AUGMENT = 41, 42, 43, 44
 REGRESSOR_COLORS = ("none", "projection")
 CENTRE = 0.5  # "chance performance (always predicting the image center)", section 4.2

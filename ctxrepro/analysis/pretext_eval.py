@@ -5,7 +5,7 @@ into the eight positions of Figure 2 (38.4%, chance 12.5%); it repeats this with
 inside ground-truth boxes of at least 240 px per side that are not truncated, occluded or difficult
 (39.2%; 45.6% on cars), and on ImageNet training vs validation images (39.5% vs 40.3%).
 
-Pairs come from the pretraining geometry (`patches.sample_grid`: the checkpoint's patch, gap and
+Pairs come from the pretraining geometry (`pretext.sampling.sample_grid`: the checkpoint's patch, gap and
 jitter): grids are drawn for an image (or a box) until they hold at least the wanted number of pairs,
 and that many are chosen uniformly without replacement. Every choice is drawn from a generator seeded
 by (seed, purpose, item), so a selection is reproducible and can be written out (`Selection.rows`).
@@ -14,83 +14,27 @@ by (seed, purpose, item), so a selection is reproducible and can be written out 
 mean subtraction, the checkpoint's colour mode, RMS 50) without the random downsampling, which is a
 training augmentation.
 
-This module also holds what every evaluation of the pretrained network shares: `load_pretrained`,
-`network_input` and `read_rgb`.
+What every evaluation of the pretrained network shares (`load_pretrained`, `network_input`, `read_rgb`) lives in
+`ctxrepro.pretext.export`.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ctxrepro.color import PatchAugment, preprocess
-from ctxrepro.data import images
-from ctxrepro.model import ContextNet, build_model
-from ctxrepro.patches import batch_pairs, cut_patches, sample_grid
-from ctxrepro.pretext_data import generator
+from ctxrepro.pretext.export import Pretrained, load_pretrained, network_input, read_rgb  # noqa: F401 (re-exported)
+from ctxrepro.pretext.sampling import batch_pairs, cut_patches, sample_grid
 from ctxrepro.progress import track
+from ctxrepro.seeds import generator
 
 CHANCE = 1.0 / 8.0
-CHECKPOINT_KEYS = ("tower", "patch", "sample_patch", "gap", "jitter", "color")
-EVAL_PAIRS = 51  # seed purpose of pair selections (pretext_data's purposes are 1..5)
-
-
-@dataclass(frozen=True)
-class Pretrained:
-    """The exported pretraining network and the geometry it was trained with (models/pretrain.pt)."""
-
-    model: ContextNet
-    patch: int  # side of the patches cut from images (the pretrain stage's `patch`)
-    net_size: int  # side the network sees (the pretrain stage's `input_size`, or `patch`)
-    gap: int
-    jitter: int
-    color: str
-    step: int
-
-
-def load_pretrained(path: Path, device: str = "cpu") -> Pretrained:
-    """Rebuild the network `engine.export_weights` wrote, in eval mode (BN uses its running statistics)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found: run `dvc repro pretrain` (or `ctxrepro stage pretrain`)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: cannot be read as a pretrain export ({e})") from e
-    config = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
-    missing = [k for k in CHECKPOINT_KEYS if k not in config]
-    if missing or "model" not in ckpt:
-        raise ValueError(f"{path}: not a pretrain export (missing config keys {missing} or 'model'); "
-                         f"rerun the pretrain stage")
-    try:
-        model = build_model(config["tower"], int(config["patch"]))
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError, TypeError) as e:  # weights that do not fit the recorded tower
-        raise ValueError(f"{path}: the weights do not fit a {config['tower']!r} network ({e})") from e
-    return Pretrained(model.to(device).eval(), int(config["sample_patch"]), int(config["patch"]),
-                      int(config["gap"]), int(config["jitter"]), str(config["color"]), int(ckpt.get("step", 0)))
-
-
-def network_input(patches: Tensor, pre: Pretrained, g: torch.Generator) -> Tensor:
-    """uint8 (P, 3, S, S) patches -> the network's input, as in training minus random downsampling."""
-    cfg = PatchAugment.for_patch(pre.patch, color=pre.color, downsample_prob=0.0)
-    x = preprocess(patches, g, cfg)
-    if pre.net_size != x.shape[-1]:
-        x = F.interpolate(x, size=(pre.net_size, pre.net_size), mode="area")  # as engine.prepare_inputs
-    return x
-
-
-def read_rgb(path: Path) -> Tensor:
-    """A JPEG/PNG file as (3, H, W) uint8 RGB (grayscale and CMYK files are converted); an unreadable
-    file is an error that names it."""
-    return torch.from_numpy(images.read_rgb(path)).permute(2, 0, 1).contiguous()
+EVAL_PAIRS = 51  # seed purpose of pair selections (pretext.data's purposes are 1..5)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""REPORT.md's tables: the paper's numbers (`ctxrepro.paper_numbers`) beside ours, read from metrics/*.json.
+"""REPORT.md's tables: the paper's numbers (`ctxrepro.report.paper_numbers`) beside ours, read from metrics/*.json.
 
 Every reproduced number is read from a stage's metrics file when the report is rendered; nothing here is
 typed in. A stage without a metrics file shows "not run" and its table keeps the paper's column, so every
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ctxrepro import paper_numbers as P
 from ctxrepro.data.voc import VOC_CLASSES
 from ctxrepro.detection.table import INIT_ORDER
+from ctxrepro.report import paper_numbers as P
 
 METRICS = Path("metrics")
 SINGLE = ("fetch", "resize", "pretrain", "convert", "proposals", "mine", "pretext_eval", "nn", "aberration")

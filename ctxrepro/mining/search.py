@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ctxrepro.color import COLOR_MODES, RMS_EPS, PatchAugment, preprocess
 from ctxrepro.data.images import read_rgb
-from ctxrepro.patches import cut_patches
+from ctxrepro.pretext.color import COLOR_MODES, RMS_EPS, PatchAugment, preprocess
+from ctxrepro.pretext.sampling import cut_patches
 from ctxrepro.progress import track
 
 # What PIL raises on a file that is not a decodable image; anything else is a bug and stops the run.

@@ -27,8 +27,6 @@ from python_on_whales import DockerClient
 from python_on_whales.client_config import ClientNotFoundError
 from python_on_whales.exceptions import DockerException
 
-from ctxrepro.stage import StageError
-
 IMAGE_NAME = "ctxrepro"
 TAG_INPUTS = ("Dockerfile", "requirements.lock")
 MOUNT = "/repo"
@@ -48,7 +46,7 @@ TOOLKIT_HINT = ("`--gpus all` needs the NVIDIA container toolkit on this host (i
                 "or rerun with --no-gpus to stay on the CPU.")
 
 
-class DockerError(StageError):
+class DockerError(RuntimeError):
     """Docker cannot do what was asked; the message says why and how to run without it."""
 
 

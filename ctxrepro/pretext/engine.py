@@ -1,7 +1,7 @@
 """Training the context-prediction network (section 3): steps, evaluation, the resumable loop.
 
 One step (section 3 "Implementation Details", METHOD.md): a batch of grid patches (uint8, from
-`pretext_data`) is preprocessed in one batched pass (`color.preprocess`: downsampling, mean
+`pretext.data`) is preprocessed in one batched pass (`color.preprocess`: downsampling, mean
 subtraction, projection or colour dropping, RMS 50) and optionally shrunk to `input_size` (area): on
 CUDA on the GPU after the transfer, on the CPU in the DataLoader workers (the same step-seeded
 generator, so the same numbers, off the training process's critical path). The tower embeds every
@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctxrepro import distributed as D
 from ctxrepro.checkpoint import (CheckpointMismatch, atomic_torch_save, capture_rng, check_config, load_checkpoint,
                                  restore_rng)
-from ctxrepro.color import PatchAugment, preprocess
-from ctxrepro.model import build_model
-from ctxrepro.pretext_data import (AUGMENT, HELDOUT, INIT, BatchSpec, ImageTable, StepBatches, finish_batch,
-                                   generator, heldout_plans, load_plan, make_loader, derive_seed)
+from ctxrepro.pretext import distributed as D
+from ctxrepro.pretext.color import PatchAugment, preprocess
+from ctxrepro.pretext.data import (AUGMENT, HELDOUT, INIT, BatchSpec, ImageTable, StepBatches, finish_batch,
+                                   heldout_plans, load_plan, make_loader)
+from ctxrepro.pretext.model import build_model
+from ctxrepro.seeds import derive_seed, generator
 
 CHANCE = 1.0 / 8.0
 

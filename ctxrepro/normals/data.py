@@ -4,7 +4,7 @@ Ground truth, from the first source available (the issue's order):
 1. the FAIR benchmark's `surfacenormal_metadata/all_normals.pklz` (normals and valid-depth masks, courtesy
    of Ladicky et al. 2014) with its `vocab40.mat` codebook;
 2. normals computed from the sensor's depth (`rawDepths`) by local plane fitting
-   (`ctxrepro.depth_normals`), valid where the sensor measured depth and the fit had enough points.
+   (`ctxrepro.normals.depth`), valid where the sensor measured depth and the fit had enough points.
 
 Training targets live on the trunk's coarse output grid: each grid cell averages the valid ground-truth
 normals of the image region it tiles (area weights), renormalised; a cell is a target only where at least
@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 
 from ctxrepro.data.nyu import NyuLabeled, load_normals, read_splits
-from ctxrepro.depth_normals import PlaneFit, normals_from_depth
-from ctxrepro.normals import TrainSet
+from ctxrepro.normals.depth import PlaneFit, normals_from_depth
+from ctxrepro.normals.model import TrainSet
 from ctxrepro.progress import track
 
 LABELED = "nyu_depth_v2_labeled.mat"
@@ -50,7 +50,7 @@ class FairGroundTruth:
 
 
 class DepthGroundTruth:
-    """Normals fitted to the sensor's depth of each image (`ctxrepro.depth_normals`), computed on demand."""
+    """Normals fitted to the sensor's depth of each image (`ctxrepro.normals.depth`), computed on demand."""
 
     def __init__(self, nyu: NyuLabeled, fit: PlaneFit):
         self.nyu, self.fit = nyu, fit

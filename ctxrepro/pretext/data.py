@@ -11,9 +11,9 @@ manifest) into such batches:
   consumed batch is replayed, and the stream does not depend on the number of DataLoader workers.
 - Grids are planned from the manifest's image sizes before any decoding; images are decoded once
   (in a DataLoader worker, or on the training device) and all their patches are cut in one tensor
-  gather (`patches.cut_patches`).
+  gather (`pretext.sampling.cut_patches`).
 - Pairs of all grids are concatenated with their indices OFFSET by the patches before them
-  (`patches.batch_pairs`): the work is per grid, never per pair.
+  (`pretext.sampling.batch_pairs`): the work is per grid, never per pair.
 """
 
 from __future__ import annotations
@@ -30,24 +30,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from ctxrepro.patches import MODES, batch_pairs, cut_patches_batch, grid_origin_range, sample_grid
+from ctxrepro.pretext.sampling import MODES, batch_pairs, cut_patches_batch, grid_origin_range, sample_grid
+from ctxrepro.seeds import generator
 
 # Purposes of derived seeds: one base seed, a different stream per purpose (STYLE.md rule 7).
 DATA, AUGMENT, HELDOUT, INIT, LOADER = 1, 2, 3, 4, 5
 MANIFEST_COLUMNS = ("split", "path", "source", "orig_width", "orig_height", "width", "height")
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (base seed, purpose, rank, step...), never from Python's hash()."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch.Generator on `device` seeded by `derive_seed(*keys)`."""
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(*keys))
-    return g
 
 
 @dataclass(frozen=True)
