@@ -10,9 +10,7 @@ from pathlib import Path
 
 from ctxrepro.config import param
 from ctxrepro.data.download import DownloadError, RetryPolicy
-from ctxrepro.data.extract import UnsafeArchiveError
 from ctxrepro.data.fetch import fetch_dataset
-from ctxrepro.data.registry import ChecksumError
 from ctxrepro.io import atomic_dir, atomic_write_json
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.world import INDEX, WorldSpec, generate
@@ -70,7 +68,9 @@ def run(params: Params, ctx: StageContext) -> None:
 def _fetch_one(name, source, dest, downloads, retry, keep, ctx):
     try:
         return fetch_dataset(name, str(source), dest, downloads, log=ctx.log, retry=retry, keep_downloads=keep)
-    except (FileNotFoundError, ChecksumError, UnsafeArchiveError, DownloadError) as e:
+    # ValueError covers ChecksumError, extract.ArchiveError (unsafe, truncated or corrupt archives, naming the
+    # archive and member), a malformed MD5SUMS and a file that is not one of the data set's archives.
+    except (OSError, ValueError, DownloadError) as e:  # OSError: a full disk or read-only target, naming the path
         raise StageError(f"fetch {name} from {source!r} failed: {e}") from e
 
 

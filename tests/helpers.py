@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -32,3 +34,12 @@ def tar_bytes(members: dict[str, bytes]) -> bytes:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def write_md5sums(folder: Path, wrong: dict[str, str] | None = None) -> None:
+    """An MD5SUMS in `folder` listing every file there (what vouches for archives that are not the published
+    ones); `wrong` overrides some names' digests."""
+    sums = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name != "MD5SUMS"}
+    sums.update(wrong or {})
+    (Path(folder) / "MD5SUMS").write_text("".join(f"{md5}  {name}\n" for name, md5 in sums.items()))

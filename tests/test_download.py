@@ -243,11 +243,17 @@ def test_imagenet_base_url_skips_missing_optional_files_and_names_missing_requir
     state, base = server
     train = _tar({"n01440764.tar": _tar({"n01440764_1.JPEG": b"jpeg"})})
     state.files["/in/ILSVRC2012_img_train.tar"] = train
+    # Not the published size: an MD5SUMS beside it must vouch for it (without one it is refused, below).
+    state.files["/in/MD5SUMS"] = f"{hashlib.md5(train).hexdigest()}  ILSVRC2012_img_train.tar\n".encode()
     report = fetch_dataset("imagenet", base + "/in/", tmp_path / "imagenet", tmp_path / "dl", retry=FAST)
     assert (tmp_path / "imagenet/train/n01440764/n01440764_1.JPEG").read_bytes() == b"jpeg"
     assert report.archives == ["ILSVRC2012_img_train.tar"] and report.images == 1
     assert sum("optional" in w for w in report.warnings) == 2  # val and devkit answered 404
-    assert any("not the real ILSVRC2012_img_train.tar" in w for w in report.warnings)  # no MD5SUMS there
+    assert report.verified == {"ILSVRC2012_img_train.tar": base + "/in/MD5SUMS"}
+    del state.files["/in/MD5SUMS"]
+    with pytest.raises(ChecksumError, match=r"20,480 bytes, but the published ILSVRC2012_img_train.tar"):
+        fetch_dataset("imagenet", base + "/in/", tmp_path / "imagenet", tmp_path / "dl3", retry=FAST)
+    assert (tmp_path / "imagenet/train/n01440764/n01440764_1.JPEG").read_bytes() == b"jpeg"  # earlier output kept
     with pytest.raises(FileNotFoundError, match=r"ILSVRC2012_img_train.tar: HTTP 404.*image-net.org"):
         fetch_dataset("imagenet", base + "/elsewhere", tmp_path / "imagenet2", tmp_path / "dl2", retry=FAST)
     assert not (tmp_path / "imagenet2").exists()

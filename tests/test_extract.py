@@ -9,9 +9,10 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from ctxrepro.data.extract import UnsafeArchiveError, archive_kind, extract_archive, member_parts
+from ctxrepro.data.extract import BrokenArchiveError, UnsafeArchiveError, archive_kind, extract_archive, member_parts
 
 FILES = {"top.txt": b"hello\n", "VOCdevkit/VOC2007/JPEGImages/000001.jpg": b"\xff\xd8fake-jpeg",
          "VOCdevkit/VOC2007/Annotations/000001.xml": b"<annotation/>", "deep/a/b/c.PNG": b"\x89PNG" + bytes(100)}
@@ -144,3 +145,51 @@ def test_member_parts_and_archive_kind():
     assert [archive_kind(Path(n)) for n in ("a.tar", "b.TGZ", "c.tar.gz", "d.zip")] == ["tar", "tar", "tar", "zip"]
     with pytest.raises(ValueError, match="not a known archive type"):
         archive_kind(Path("x.rar"))
+
+
+def _member_offsets(data: bytes) -> list[int]:
+    """Where each member's header starts (a cut there ends the tar exactly at a member boundary)."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return [m.offset for m in tf.getmembers()]
+
+
+def _broken_tars() -> dict[str, bytes]:
+    members = sorted(FILES.items())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tf.addfile(info, io.BytesIO(content))
+    data = buf.getvalue()
+    offsets = _member_offsets(data)
+    gz = io.BytesIO()
+    with tarfile.open(fileobj=gz, mode="w:gz") as tf:
+        tf.addfile(tarfile.TarInfo("x"), io.BytesIO(b""))
+    return {"boundary": data[:offsets[2]], "mid-member": data[:offsets[3] + 512 + 3], "empty": b"",
+            "random": bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)),
+            "one end block": data[:offsets[-1] + 1024] + bytes(512) + b"\x01" * 511,
+            "gz cut": gz.getvalue()[:len(gz.getvalue()) // 2]}
+
+
+@pytest.mark.parametrize("case", ["boundary", "mid-member", "empty", "random", "one end block", "gz cut"])
+def test_truncated_or_broken_tars_are_one_error_naming_archive(tmp_path, case):
+    data = _broken_tars()[case]
+    archive = tmp_path / ("a.tar.gz" if case == "gz cut" else "a.tar")
+    archive.write_bytes(data)
+    with pytest.raises(BrokenArchiveError) as err:
+        extract_archive(archive, tmp_path / "out", algos=("md5",))
+    message = str(err.value)
+    assert message.startswith("cannot read a.tar") and "\n" not in message
+    if case == "boundary":
+        # sorted(FILES): the two VOCdevkit members come first; the cut is before deep/a/b/c.PNG
+        assert err.value.member == "VOCdevkit/VOC2007/JPEGImages/000001.jpg" and "end-of-archive" in message
+    if case == "mid-member":
+        assert err.value.member == "top.txt" and "unexpected end of data" in message
+
+
+def test_zip_cut_short_is_one_error_naming_archive(tmp_path):
+    archive = make_zip(tmp_path / "a.zip", sorted(FILES.items()))
+    archive.write_bytes(archive.read_bytes()[:-30])
+    with pytest.raises(BrokenArchiveError, match=r"^cannot read a.zip at its start: File is not a zip file"):
+        extract_archive(archive, tmp_path / "out")

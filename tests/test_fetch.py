@@ -10,11 +10,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import tar_bytes
+from helpers import tar_bytes, write_md5sums
 from PIL import Image
 
 from ctxrepro.data import fetch
-from ctxrepro.data.extract import UnsafeArchiveError
+from ctxrepro.data.extract import BrokenArchiveError, UnsafeArchiveError
 from ctxrepro.data.fetch import fetch_dataset, plan_sources
 from ctxrepro.data.imagenet import list_train_images, list_val_images
 from ctxrepro.data.registry import Archive, Checksum, ChecksumError, Expected, archives_for
@@ -73,13 +73,14 @@ def test_imagenet_tar_of_tars_streamed_into_layout(tmp_path):
     assert not (tmp_path / "data/downloads").exists()  # local sources are never copied to the cache
 
 
-def test_single_train_tar_without_md5sums_is_placed_with_a_warning(tmp_path):
+def test_single_train_tar_without_md5sums_is_refused_before_reading(tmp_path):
+    """A known name of another size, with nothing to vouch for it: an error naming the file, nothing placed."""
     imagenet_folder(tmp_path / "src", md5sums=False)
-    report = fetch_dataset("imagenet", str(tmp_path / "src/ILSVRC2012_img_train.tar"), tmp_path / "out",
-                           tmp_path / "dl", log=LOG)
-    assert report.images == 4 and report.verified == {}
-    assert any("not the real ILSVRC2012_img_train.tar" in w for w in report.warnings)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train"]
+    with pytest.raises(ChecksumError, match=r"ILSVRC2012_img_train.tar .*40,960 bytes, but the published "
+                                            r"ILSVRC2012_img_train.tar has 147,897,477,120"):
+        fetch_dataset("imagenet", str(tmp_path / "src/ILSVRC2012_img_train.tar"), tmp_path / "out",
+                      tmp_path / "dl", log=LOG)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [tmp_path / "src"]
 
 
 @pytest.mark.parametrize("outer,inner,bad", [
@@ -92,6 +93,7 @@ def test_tar_of_tars_with_unexpected_members_is_refused(tmp_path, outer, inner, 
     members = {"n01440764.tar": tar_bytes(inner or {"n01440764_1.JPEG": b"x"})}
     members.update(outer or {})
     (src / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(members))
+    write_md5sums(src)
     with pytest.raises(UnsafeArchiveError) as err:
         fetch_dataset("imagenet", str(src), tmp_path / "raw/imagenet", tmp_path / "dl", log=LOG)
     assert err.value.member == bad and "ILSVRC2012_img_train.tar" in str(err.value)
@@ -106,6 +108,7 @@ def voc2007_folder(folder: Path) -> None:
         root + "ImageSets/Main/trainval.txt": b"000005\n"}))
     (folder / "VOCtest_06-Nov-2007.tar").write_bytes(tar_bytes({
         root + "JPEGImages/000001.jpg": b"b", root + "ImageSets/Main/test.txt": b"000001\n"}))
+    write_md5sums(folder)
 
 
 def test_voc2007_tars_merge_into_one_devkit_and_failure_keeps_old_output(tmp_path):
@@ -119,7 +122,7 @@ def test_voc2007_tars_merge_into_one_devkit_and_failure_keeps_old_output(tmp_pat
     assert (report.files, report.images) == (5, 2)
     # A bad MD5SUMS makes the next fetch fail after extracting: the earlier output stays whole.
     before = tree(dest)
-    (tmp_path / "src/MD5SUMS").write_text(f"{'a' * 32}  VOCtest_06-Nov-2007.tar\n")
+    write_md5sums(tmp_path / "src", wrong={"VOCtest_06-Nov-2007.tar": "a" * 32})
     with pytest.raises(ChecksumError, match=f"VOCtest_06-Nov-2007.tar.*expected {'a' * 32}"):
         fetch_dataset("voc2007", str(tmp_path / "src"), dest, tmp_path / "dl", log=LOG)
     assert tree(dest) == before and sorted(p.name for p in dest.parent.iterdir()) == ["voc2007"]
@@ -146,6 +149,7 @@ def test_nyuv2_files_are_linked_and_counted(tmp_path):
         f.create_dataset("depths", data=np.zeros((2, 640, 480), np.float32))
         f.create_dataset("rawDepths", data=np.zeros((2, 640, 480), np.float32))
     savemat(src / "splits.mat", {"trainNdxs": np.array([[1]]), "testNdxs": np.array([[2]])})
+    write_md5sums(src)
     report = fetch_dataset("nyuv2", str(src), tmp_path / "nyuv2", tmp_path / "dl", log=LOG)
     assert sorted(p.name for p in (tmp_path / "nyuv2").iterdir()) == ["nyu_depth_v2_labeled.mat", "splits.mat"]
     assert (report.images, report.files, report.linked) == (2, 2, 2)
@@ -211,7 +215,7 @@ def _fake(size, md5, verified=True):
     (_fake(10, "a" * 32, False), None, 10, "b" * 32, ("real", "warn")),  # UNVERIFIED md5 only warns
     (_fake(10, "a" * 32), "c" * 32, 4, "c" * 32, ("stand-in", "MD5SUMS")),  # builtin: listed md5 rules
     (_fake(10, "a" * 32), "c" * 32, 4, "d" * 32, "error"),
-    (_fake(10, "a" * 32), None, 4, "d" * 32, ("stand-in", "warn")),  # not the real one, nothing to check
+    (_fake(10, "a" * 32), None, 4, "d" * 32, "error"),  # not the real size and nothing vouches for it
     (_fake(None, "a" * 32), None, 4, "a" * 32, ("real", "registry")),  # size unknown: the md5 decides
     (_fake(None, "a" * 32), None, 4, "d" * 32, "error"),
     (_fake(10, None), None, 10, "d" * 32, ("real", None)),  # splits.mat: nothing to check against
@@ -219,7 +223,7 @@ def _fake(size, md5, verified=True):
 def test_verification_rules(archive, listed, size, digest, outcome):
     expected = Expected(archive, listed, "MD5SUMS" if listed else None)
     if outcome == "error":
-        with pytest.raises(ChecksumError, match="f.tar.*expected"):
+        with pytest.raises(ChecksumError, match="f.tar.*(expected|published)"):
             expected.verify("f.tar", size, {"md5": digest})
         return
     verdict = expected.verify("f.tar", size, {"md5": digest})
@@ -228,3 +232,94 @@ def test_verification_rules(archive, listed, size, digest, outcome):
         assert verdict.checked_against is None and len(verdict.warnings) == 1
     else:
         assert verdict.checked_against == outcome[1] and verdict.warnings == ()
+
+
+def _train_tar(classes: dict[str, dict[str, bytes]]) -> bytes:
+    return tar_bytes({f"{w}.tar": tar_bytes(imgs) for w, imgs in classes.items()})
+
+
+CLASSES = {f"n0{i}000000": {f"n0{i}000000_{k}.JPEG": bytes([i, k]) * 50 for k in (1, 2)} for i in (1, 2, 3, 4)}
+
+
+def test_train_tar_cut_after_two_class_tars_is_refused_and_raw_kept(tmp_path):
+    """Finding 1: a train tar cut exactly at a member boundary, even vouched for by an MD5SUMS, is no archive."""
+    import tarfile
+
+    data = _train_tar(CLASSES)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        cut = tf.getmembers()[2].offset  # the header of the third class tar
+    src, dest = tmp_path / "src", tmp_path / "raw/imagenet"
+    src.mkdir()
+    (src / "ILSVRC2012_img_train.tar").write_bytes(data)
+    write_md5sums(src)
+    fetch_dataset("imagenet", str(src), dest, tmp_path / "dl", log=LOG)
+    before = tree(dest)
+    assert len(before) == 8
+    (src / "ILSVRC2012_img_train.tar").write_bytes(data[:cut])
+    write_md5sums(src)
+    with pytest.raises(BrokenArchiveError, match=r"^cannot read ILSVRC2012_img_train.tar at member "
+                                                 r"'n02000000.tar': the archive ends without its end-of-archive"):
+        fetch_dataset("imagenet", str(src), dest, tmp_path / "dl", log=LOG)
+    assert tree(dest) == before and sorted(p.name for p in dest.parent.iterdir()) == ["imagenet"]
+
+
+def test_class_tar_cut_inside_names_the_class_tar_and_image(tmp_path):
+    inner = tar_bytes(CLASSES["n01000000"])
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes({"n01000000.tar": inner[:512 + 50]}))
+    write_md5sums(src)
+    with pytest.raises(BrokenArchiveError) as err:
+        fetch_dataset("imagenet", str(src), tmp_path / "raw/imagenet", tmp_path / "dl", log=LOG)
+    assert (err.value.archive, err.value.member) == ("ILSVRC2012_img_train.tar:n01000000.tar", "n01000000_1.JPEG")
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("n01000000_9 copy é.JPEG", None),  # odd but safe: spaces and non-ASCII letters are kept
+    ("n01000000_9-(1).JPEG", None),
+    ("sub/n01000000_9.JPEG", "not a path with folders"),
+    ("../n01000000_9.JPEG", "not a path with folders"),
+    ("/n01000000_9.JPEG", "not a path with folders"),
+    ("n01000000\x07_9.JPEG", "control character"),
+    ("._n01000000_9.JPEG", "hidden file name"),
+    ("n01000000_1.JPEG", "the same name twice"),  # a second copy of an image already in the class tar
+])
+def test_member_names_odd_but_safe_kept_unsafe_refused(tmp_path, name, reason):
+    images = dict(CLASSES["n01000000"])
+    src, dest = tmp_path / "src", tmp_path / "raw/imagenet"
+    src.mkdir()
+    inner = _concat_tars(tar_bytes(images), tar_bytes({name: b"extra"}))  # tarfile would normalise the name
+    (src / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes({"n01000000.tar": inner}))
+    write_md5sums(src)
+    if reason is None:
+        report = fetch_dataset("imagenet", str(src), dest, tmp_path / "dl", log=LOG)
+        assert (dest / "train/n01000000" / name).read_bytes() == b"extra" and report.files == 3
+        return
+    with pytest.raises(UnsafeArchiveError, match=reason) as err:
+        fetch_dataset("imagenet", str(src), dest, tmp_path / "dl", log=LOG)
+    assert err.value.member == name and err.value.archive == "ILSVRC2012_img_train.tar:n01000000.tar"
+    assert not dest.exists()
+
+
+def _concat_tars(first: bytes, second: bytes) -> bytes:
+    """Members of `first` then of `second`, in one tar (`first` without its end blocks and padding)."""
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(first)) as tf:
+        last = tf.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512  # where the end-of-archive blocks begin
+    return first[:end] + second
+
+
+@pytest.mark.parametrize("text", ["not a checksum line\n", f"{'a' * 31}  ILSVRC2012_img_train.tar\n"])
+def test_malformed_md5sums_is_one_error_naming_the_file(tmp_path, text):
+    imagenet_folder(tmp_path / "src")
+    (tmp_path / "src/MD5SUMS").write_text(text)
+    with pytest.raises(ChecksumError, match=r"src/MD5SUMS line 1: expected '<md5>  <file name>'"):
+        fetch_dataset("imagenet", str(tmp_path / "src"), tmp_path / "raw", tmp_path / "dl", log=LOG)
+
+
+def test_a_voc_archive_given_as_imagenet_is_refused_by_name(tmp_path):
+    voc2007_folder(tmp_path / "src")
+    with pytest.raises(ValueError, match=r"imagenet: VOCtest_06-Nov-2007.tar is not one of its archives"):
+        fetch_dataset("imagenet", str(tmp_path / "src/VOCtest_06-Nov-2007.tar"), tmp_path / "raw", tmp_path / "dl")

@@ -5,16 +5,23 @@ the target (or pass through another link), device files and fifos are refused wi
 member and the archive. Tars are read in stream mode (one sequential pass, so the same pass can hash
 the file) and each member is then extracted with Python's `tarfile.data_filter` as a second line of
 defence. The caller extracts into a temporary folder and renames it, so a refusal leaves nothing behind.
+
+A tar must end with its two zero end-of-archive blocks: Python's stream mode would otherwise take a file
+cut at a member boundary (or garbage at a header) as a normal end. Every read error (truncation, bad
+compression, garbage) becomes one `BrokenArchiveError` naming the archive and the member being read.
 """
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 import re
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +34,74 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 STREAM_BUFSIZE = 1 << 20
 
 
-class UnsafeArchiveError(ValueError):
+class ArchiveError(ValueError):
+    """An archive that cannot be placed; `archive`, `member` (None: before the first) and `reason`."""
+
+    def __init__(self, message: str, archive: str, member: str | None, reason: str):
+        super().__init__(message)
+        self.archive, self.member, self.reason = archive, member, reason
+
+
+class UnsafeArchiveError(ArchiveError):
     """An archive member that would write outside the target or create a special file."""
 
     def __init__(self, archive: str, member: str, reason: str):
-        super().__init__(f"refusing member {member!r} of {archive}: {reason}")
-        self.archive, self.member, self.reason = archive, member, reason
+        super().__init__(f"refusing member {member!r} of {archive}: {reason}", archive, member, reason)
+
+
+class BrokenArchiveError(ArchiveError):
+    """An archive that is truncated, corrupt or not an archive at all."""
+
+    def __init__(self, archive: str, member: str | None, reason: str):
+        at = f"at member {member!r}" if member else "at its start"
+        super().__init__(f"cannot read {archive} {at}: {reason}", archive, member, reason)
+
+
+# What reading a damaged tar or zip raises (writes are not among them: a full disk is an OSError).
+READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, zipfile.BadZipFile)
+
+
+class Reading:
+    """A context that turns READ_ERRORS into one BrokenArchiveError naming `label` and the current `member`."""
+
+    def __init__(self, label: str, member: str | None = None):
+        self.label, self.member = label, member
+
+    def __enter__(self) -> "Reading":
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if isinstance(err, READ_ERRORS):
+            reason = " ".join(str(err).split()) or kind.__name__
+            raise BrokenArchiveError(self.label, self.member, f"{reason} (truncated or corrupt?)") from err
+        return False
+
+
+class _EndInfo(tarfile.TarInfo):
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:  # an all-zero header block: the first end-of-archive block
+            tf.end_block_seen = True
+            raise
+
+
+class CheckedTar(tarfile.TarFile):
+    """A TarFile that notes whether its members ended at a zero block (see `require_end`)."""
+
+    tarinfo = _EndInfo
+    end_block_seen = False
+
+
+def open_stream(fileobj, mode: str = "r|*") -> CheckedTar:
+    return CheckedTar.open(fileobj=fileobj, mode=mode, bufsize=STREAM_BUFSIZE)
+
+
+def require_end(tf: CheckedTar, label: str, last: str | None) -> None:
+    """Refuse a tar whose members stopped without the two zero end-of-archive blocks (call after iterating)."""
+    if not (tf.end_block_seen and tf.fileobj.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE):
+        raise BrokenArchiveError(label, last, "the archive ends without its end-of-archive blocks (truncated?)")
 
 
 @dataclass
@@ -162,8 +231,9 @@ def extract_tar_stream(fileobj, dest: Path, *, label: str, tally: Tally | None =
     tally = tally if tally is not None else Tally()
     guard = _Guard(label)
     dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=fileobj, mode="r|*", bufsize=STREAM_BUFSIZE) as tf:
+    with Reading(label) as at, open_stream(fileobj) as tf:
         for m in tf:
+            at.member = m.name
             parts = _check_tar_member(guard, m)
             if not parts:
                 continue  # the archive's root folder ("./") is `dest` itself
@@ -175,6 +245,7 @@ def extract_tar_stream(fileobj, dest: Path, *, label: str, tally: Tally | None =
             guard.mark(parts, kind)
             if kind == "file":
                 tally.add(m.name, m.size if m.isreg() else (dest.joinpath(*parts)).stat().st_size)
+        require_end(tf, label, at.member)
     return tally
 
 
@@ -197,8 +268,9 @@ def extract_zip(path: Path, dest: Path, *, label: str | None = None, tally: Tall
     tally = tally if tally is not None else Tally()
     guard = _Guard(label)
     dest.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path) as zf:
+    with Reading(label) as at, zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
+            at.member = info.filename
             kind = _zip_kind(info)
             if kind in ("device file", "fifo"):
                 raise UnsafeArchiveError(label, info.filename, kind)

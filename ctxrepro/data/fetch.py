@@ -209,6 +209,8 @@ def _place(loc: Located, tmp: Path, downloads: Path, retry: RetryPolicy, log: lo
     if loc.kind == "tree":
         return Verdict(False, None), link_tree(Path(loc.where), tmp / a.extracts_to, report)
     path, got = _obtain(loc, downloads, retry, log, every)
+    if got is None:
+        loc.expected.check_size(f"{a.name} ({path})", path.stat().st_size)
     hashed_already = got is not None and got.digests is not None
     done = _place_file(loc, path, tmp, () if hashed_already else loc.expected.algos(), log, report)
     if hashed_already:
@@ -228,7 +230,8 @@ def fetch_dataset(dataset: str, source: str, dest: Path, downloads: Path, *, log
 
     Downloads go to `downloads` (= data/downloads) and stay there for re-runs unless `keep_downloads`
     is False. Raises FileNotFoundError (what is missing and where to get it), ChecksumError (file,
-    expected, actual), extract.UnsafeArchiveError (member, archive) or download.DownloadError.
+    expected, actual), extract.ArchiveError (archive, member: unsafe, truncated or corrupt) or
+    download.DownloadError.
     """
     log = log or _log
     plan = plan_sources(dataset, source, retry=retry, log=log)

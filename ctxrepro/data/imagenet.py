@@ -5,6 +5,11 @@ The paper pretrains on the 1.3M train images without labels (section 3, "Impleme
 The 147 GB train tar is streamed: the outer tar is read sequentially and each class tar is opened as a
 nested stream, so its images go straight to their folder with no second copy on disk. Files are copied
 byte for byte: known junk (a PNG named .JPEG, CMYK JPEGs) is the resize stage's business.
+
+Member names may hold spaces and any letters; what is unsafe or ambiguous (a folder, `..`, a control
+character, a hidden name, a link or device, the same name twice in a class) stops the whole fetch with
+an error naming the archive and member. The published tar has none of these, so one such member means
+the file is not what it claims to be; skipping it would hide that.
 """
 
 from __future__ import annotations
@@ -14,25 +19,37 @@ import os
 import re
 import shutil
 import tarfile
+import unicodedata
 from pathlib import Path
 from typing import IO, Iterator
 
-from ctxrepro.data.extract import STREAM_BUFSIZE, Extracted, Tally, UnsafeArchiveError
+from ctxrepro.data.extract import Extracted, Reading, Tally, UnsafeArchiveError, open_stream, require_end
 from ctxrepro.data.registry import HashingReader
 from ctxrepro.progress import track
 
 CLASS_TAR = re.compile(r"^(n\d{8})\.tar$")
 WNID = re.compile(r"^n\d{8}$")
-_FLAT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _flat_name(member: tarfile.TarInfo, label: str) -> str:
-    """The member's file name, refused unless it is a regular file with a plain name (no folders)."""
+def _flat_name(member: tarfile.TarInfo, label: str, seen: set[str]) -> str:
+    """The member's file name, refused unless it is a new regular file with a safe name in the class folder."""
     name = member.name.removeprefix("./")
+    reason = None
     if not member.isreg():
-        raise UnsafeArchiveError(label, member.name, "expected only regular image files")
-    if not _FLAT_NAME.match(name):
-        raise UnsafeArchiveError(label, member.name, "expected a plain file name without folders")
+        reason = "expected only regular image files"
+    elif "/" in name or "\\" in name:
+        reason = "expected a plain file name, not a path with folders"
+    elif name in ("", ".", ".."):
+        reason = "not a file name"
+    elif any(unicodedata.category(c) == "Cc" for c in name):
+        reason = "control character in the file name"
+    elif name.startswith("."):
+        reason = "hidden file name (starts with '.'), which the image lists would skip"
+    elif name in seen:
+        reason = "the same name twice in one class tar (the second copy would overwrite the first)"
+    if reason is not None:
+        raise UnsafeArchiveError(label, member.name, reason)
+    seen.add(name)
     return name
 
 
@@ -41,20 +58,27 @@ def iter_tar_of_tars(fileobj: IO[bytes], label: str) -> Iterator[tuple[str, str,
 
     Each stream must be read before the next item is requested (both tars are in stream mode).
     Anything but class tars `nXXXXXXXX.tar` in the outer tar, or anything but plain files inside one,
-    is refused with an error naming the member.
+    is refused with an error naming the member. Both tars must be whole (`extract.require_end`).
     """
-    with tarfile.open(fileobj=fileobj, mode="r|*", bufsize=STREAM_BUFSIZE) as outer:
+    seen_classes: set[str] = set()
+    with Reading(label) as at, open_stream(fileobj) as outer:
         for m in outer:
-            name = m.name.removeprefix("./")
+            at.member = name = m.name.removeprefix("./")
             if m.isdir() and name in ("", "."):
                 continue
             match = CLASS_TAR.match(name)
             if not (m.isreg() and match):
                 raise UnsafeArchiveError(label, m.name, "expected only class tars named nXXXXXXXX.tar")
-            inner_label = f"{label}:{name}"
-            with tarfile.open(fileobj=outer.extractfile(m), mode="r|", bufsize=STREAM_BUFSIZE) as inner:
+            if name in seen_classes:
+                raise UnsafeArchiveError(label, m.name, "the same class tar twice")
+            seen_classes.add(name)
+            inner_label, seen = f"{label}:{name}", set()
+            with Reading(inner_label) as inner_at, open_stream(outer.extractfile(m), "r|") as inner:
                 for im in inner:
-                    yield match.group(1), _flat_name(im, inner_label), inner.extractfile(im), im.size
+                    inner_at.member = im.name
+                    yield match.group(1), _flat_name(im, inner_label, seen), inner.extractfile(im), im.size
+                require_end(inner, inner_label, inner_at.member)
+        require_end(outer, label, at.member)
 
 
 def extract_train_tar(path: Path, dest: Path, *, algos: tuple[str, ...] = (), total: int | None = None,
@@ -74,7 +98,7 @@ def extract_train_tar(path: Path, dest: Path, *, algos: tuple[str, ...] = (), to
             if wnid not in made:
                 (dest / wnid).mkdir(exist_ok=True)
                 made.add(wnid)
-            with open(dest / wnid / name, "wb") as out:
+            with Reading(f"{Path(path).name}:{wnid}.tar", name), open(dest / wnid / name, "wb") as out:
                 shutil.copyfileobj(stream, out, 1 << 20)
             tally.add(name, size)
         reader.drain()

@@ -116,7 +116,7 @@ def parse_md5sums(text: str, origin: str) -> dict[str, str]:
             continue
         match = _MD5SUMS_LINE.match(line.rstrip("\r"))
         if match is None:
-            raise ValueError(f"{origin} line {number}: expected '<md5>  <file name>', got {line!r}")
+            raise ChecksumError(f"{origin} line {number}: expected '<md5>  <file name>', got {line!r}")
         sums[match.group(2).strip().rsplit("/", 1)[-1]] = match.group(1).lower()
     return sums
 
@@ -184,6 +184,15 @@ class Expected:
             wanted.add(self.archive.checksum.algo)
         return tuple(sorted(wanted))
 
+    def check_size(self, where: str, size: int) -> None:
+        """Before reading a file: a known archive of another size is an error unless an MD5SUMS vouches for it."""
+        a = self.archive
+        if a.size is None or size == a.size or (self.listed_md5 is not None and not self.official):
+            return
+        raise ChecksumError(f"{where}: {size:,} bytes, but the published {a.name} has {a.size:,} (DATA.md) and no "
+                            "MD5SUMS beside it lists this file: truncated, or another file under its name? If it is "
+                            "deliberately not the published file, list its md5 in an MD5SUMS file beside it")
+
     def verify(self, where: str, size: int, digests: dict[str, str]) -> Verdict:
         """Check a complete file of `size` bytes with `digests` (from `algos()`); raise ChecksumError."""
         a, reg = self.archive, self.archive.checksum
@@ -198,8 +207,7 @@ class Expected:
                                     f"got {digests['md5']}")
             return Verdict(_matches(reg, digests), self.listed_in)
         if size_known:
-            return Verdict(False, None, (f"{where}: {size:,} bytes, not the real {a.name} ({a.size:,} bytes) and "
-                                         "no MD5SUMS beside it: not verified",))
+            self.check_size(where, size)
         hint = " (if this is deliberately not the published file, list its md5 in an MD5SUMS file beside it)"
         checked, warnings = _against_registry(where, reg, digests, hint=hint)
         return Verdict(_matches(reg, digests), checked, warnings)
