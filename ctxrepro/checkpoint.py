@@ -28,8 +28,32 @@ class CheckpointMismatch(ValueError):
     """A checkpoint whose training config differs from the run that wants to resume it."""
 
 
+class NonFiniteState(ValueError):
+    """A state about to be saved holds NaN or inf: saving it would make a poisoned "last good" checkpoint."""
+
+
+def first_nonfinite(tree: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first floating-point tensor in `tree` (nested dicts, lists) holding NaN or inf."""
+    if isinstance(tree, torch.Tensor):
+        return prefix if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in `path`'s directory, fsync, then os.replace."""
+    """torch.save to a temporary file in `path`'s directory, fsync, then os.replace.
+
+    Refuses (NonFiniteState, naming the key) a state whose parameters, buffers or optimizer moments hold
+    NaN or inf: a finite loss does not prove the update after it was finite (a huge lr can overflow a
+    batch-norm running_var), and a resume from such a checkpoint goes straight to NaN.
+    """
+    bad = first_nonfinite(obj)
+    if bad is not None:
+        raise NonFiniteState(f"{bad} holds NaN or inf: not saved to {path}, which keeps its last good state")
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

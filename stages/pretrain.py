@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from ctxrepro.checkpoint import CheckpointMismatch
 from ctxrepro.config import param
-from ctxrepro.io import atomic_write_json
+from ctxrepro.io import atomic_dir, atomic_write_json
 from ctxrepro.pretext import distributed as D
 from ctxrepro.pretext.color import COLOR_MODES, PatchAugment
 from ctxrepro.pretext.data import BatchSpec, ImageTable, load_kinds, load_table, usable
@@ -86,18 +88,27 @@ def load_tables(root: Path, spec: BatchSpec, log: logging.Logger) -> tuple[Image
     return tables[0], tables[1]
 
 
-def _live_logger(root: Path):
+@contextlib.contextmanager
+def live_logger(live_dir: Path) -> Iterator[Callable[[dict], None]]:
+    """A dvclive logger whose folder replaces `live_dir` only when the block succeeds.
+
+    dvclive's Live() clears its folder at start, so logging straight into `live_dir` would delete the
+    last good curves when a run then fails (a NaN loss, a bad param); a resumed run replays its
+    checkpoint's history, so the new folder still holds every row.
+    """
     from dvclive import Live
 
-    live = Live(str(root / LIVE_DIR), dvcyaml=False, save_dvc_exp=False)
+    with atomic_dir(live_dir) as tmp:
+        live = Live(str(tmp), dvcyaml=False, save_dvc_exp=False)
 
-    def on_log(row: dict) -> None:
-        live.step = row["step"]
-        for key in ("loss", "accuracy", "pairs_per_second"):
-            live.log_metric(f"train/{key}", row[key])
-        live.next_step()
+        def on_log(row: dict) -> None:
+            live.step = row["step"]
+            for key in ("loss", "accuracy", "pairs_per_second"):
+                live.log_metric(f"train/{key}", row[key])
+            live.next_step()
 
-    return live, on_log
+        yield on_log
+        live.end()
 
 
 def _train_process(p: Params, seed: int, device: str, root: Path) -> None:
@@ -114,11 +125,9 @@ def _train_process(p: Params, seed: int, device: str, root: Path) -> None:
         raise StageError(str(e)) from e
     device = D.init(info, device)
     try:
-        live, on_log = _live_logger(root) if info.is_main else (None, None)
         paths = TrainPaths(root / STATE, root / EXPORT)
-        metrics = train(cfg, train_table.shard(info.rank, info.world), heldout, paths, device, info, log, on_log)
-        if live is not None:
-            live.end()
+        with live_logger(root / LIVE_DIR) if info.is_main else contextlib.nullcontext() as on_log:
+            metrics = train(cfg, train_table.shard(info.rank, info.world), heldout, paths, device, info, log, on_log)
         if metrics is not None:
             atomic_write_json(root / METRICS, metrics)
             log.info("held-out pretext accuracy %.3f (chance %.3f) after %d steps",

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctxrepro.checkpoint import CheckpointMismatch, load_checkpoint
+from ctxrepro.checkpoint import CheckpointMismatch, NonFiniteState, atomic_torch_save, first_nonfinite, load_checkpoint
 from ctxrepro.pretext import engine
 from ctxrepro.pretext.color import PatchAugment
 from ctxrepro.pretext.data import BatchSpec, heldout_plans, load_table, usable
@@ -215,7 +215,7 @@ def test_heldout_accuracy_per_group_matches_label_shares_from_the_plans(data):
 
 def test_pretrain_stage_writes_metrics_weights_and_dvclive(data, tmp_path, monkeypatch):
     from ctxrepro.config import BaseParams
-    from ctxrepro.stage import StageContext
+    from ctxrepro.stage import StageContext, StageError
     from stages import pretrain
 
     root = tmp_path / "repo"
@@ -231,4 +231,44 @@ def test_pretrain_stage_writes_metrics_weights_and_dvclive(data, tmp_path, monke
     assert (root / "models" / "pretrain.pt").is_file() and (root / "models" / "pretrain_state" / "last.pt").is_file()
     rows = (root / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:2] == ["step", "loss"] and [r.split("\t")[0] for r in rows[1:]] == ["2", "4"]
+    # A failed run (lr 1e30: a non-finite loss or state) leaves the curves, metrics and weights as they were.
+    kept = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and "pretrain_state" not in p.parts}
+    with pytest.raises(StageError, match="NaN|non-finite"):
+        pretrain.run(replace(params, lr=1e30), StageContext(BaseParams(seed=1), "cpu", LOG, root=root))
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert sorted(p.name for p in (root / "dvclive").iterdir()) == ["pretrain"]  # no temporary folder left
+
+
+def test_first_nonfinite_names_the_key_and_ignores_integer_tensors():
+    state = {"model": {"a": torch.ones(2), "steps": torch.tensor([2 ** 62])},
+             "optimizer": {"state": {0: {"momentum_buffer": torch.tensor([1.0, float("inf")])}}}}
+    assert first_nonfinite(state) == "optimizer.state.0.momentum_buffer"
+    state["optimizer"]["state"][0]["momentum_buffer"][1] = 0.0
+    assert first_nonfinite(state) is None
+    state["model"]["a"][0] = float("nan")
+    assert first_nonfinite([state]) == "0.model.a"
+    with pytest.raises(NonFiniteState, match=r"model.a holds NaN or inf: not saved to .*x.pt"):
+        atomic_torch_save(state, Path("/nonexistent/x.pt"))
+
+
+def test_inf_state_after_a_finite_loss_is_not_checkpointed(data, tmp_path, monkeypatch):
+    """Finding 3: the loss of step 3 is finite, but the update after it makes a buffer inf."""
+    calls = {"n": 0}
+    real = engine.train_step
+
+    def overflowing(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            name, buffer = next((n, b) for n, b in model.named_buffers() if b.is_floating_point())
+            buffer.fill_(float("inf"))
+            calls["poisoned"] = name
+        return out
+
+    monkeypatch.setattr(engine, "train_step", overflowing)
+    with pytest.raises(TrainingError, match=r"model\..* holds NaN or inf after step 3: not saved"):
+        run(data, tmp_path, make_cfg(checkpoint_every=1))
+    state = load_checkpoint(paths(tmp_path).state)
+    assert state["step"] == 2 and first_nonfinite(state) is None
+    assert calls["poisoned"] in state["model"]
 

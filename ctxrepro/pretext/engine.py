@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctxrepro.checkpoint import (CheckpointMismatch, atomic_torch_save, capture_rng, check_config, load_checkpoint,
-                                 restore_rng)
+from ctxrepro.checkpoint import (CheckpointMismatch, atomic_torch_save, capture_rng, check_config, first_nonfinite,
+                                 load_checkpoint, restore_rng)
 from ctxrepro.pretext import distributed as D
 from ctxrepro.pretext.color import PatchAugment, preprocess
 from ctxrepro.pretext.data import (AUGMENT, HELDOUT, INIT, BatchSpec, ImageTable, StepBatches, finish_batch,
@@ -257,6 +257,11 @@ def _resume(run: _Run, cfg: TrainConfig, path: Path, info: D.DistInfo, log: logg
 
 
 def _save(run: _Run, cfg: TrainConfig, path: Path, seconds: float, info: D.DistInfo) -> None:
+    # Every rank checks (their states are equal) so that all stop together rather than wait on rank 0.
+    bad = first_nonfinite({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()})
+    if bad is not None:
+        raise TrainingError(f"{bad} holds NaN or inf after step {run.step}: not saved, the last good checkpoint "
+                            f"{path} is kept (lower the lr or enable clip_grad)")
     rngs = D.gather_objects(capture_rng())  # every rank's RNG state, in rank order
     if not info.is_main:
         return
