@@ -3,11 +3,18 @@
 Every section of params.yaml is named like its DVC stage (STYLE.md rule 1). Fields are declared with
 `param(...)`, which records the allowed range or choices; parsing refuses unknown keys, wrong types and
 out-of-range values with a message that names the section, key, value and what is allowed.
+
+YAML is read as DVC writes it, YAML 1.2 style for floats: `1e-5`, `1E-3`, `.5` and `-2e+0` are numbers
+(PyYAML's YAML 1.1 would make the first two strings, and `dvc exp run -S pretrain.lr=1e-5` writes
+exactly that). NaN and infinities are refused unless a field allows them; an empty (null) section is an
+error, never a silent fall-back to the code's defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -21,12 +28,30 @@ class ParamsError(ValueError):
     """A params file or override that cannot be used: the message says which key and why."""
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float syntax (exponent without a dot, sign optional)."""
+
+
+Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=Yaml12Loader)
+
+
 def param(default: Any, *, min: float | None = None, max: float | None = None,
-          choices: tuple | list | None = None, help: str = "") -> Any:
-    """A dataclass field carrying its validation rule; lists become tuples so dataclasses stay frozen."""
+          choices: tuple | list | None = None, nonfinite: bool = False, help: str = "") -> Any:
+    """A dataclass field carrying its validation rule; lists become tuples so dataclasses stay frozen.
+
+    `nonfinite=True` lets a float field hold NaN or an infinity (none does today).
+    """
     if isinstance(default, list):
         default = tuple(default)
-    meta = {"min": min, "max": max, "choices": tuple(choices) if choices is not None else None, "help": help}
+    meta = {"min": min, "max": max, "choices": tuple(choices) if choices is not None else None,
+            "nonfinite": nonfinite, "help": help}
     if dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -108,6 +133,8 @@ def _check_range(f: dataclasses.Field, value: Any, where: str) -> None:
     for v in items:
         if v is None:
             continue
+        if isinstance(v, float) and not math.isfinite(v) and not f.metadata.get("nonfinite"):
+            raise ParamsError(f"{where}: {v!r} is not a finite number")
         if choices is not None and v not in choices:
             raise ParamsError(f"{where}: {v!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
         if lo is not None and v < lo:
@@ -119,7 +146,8 @@ def _check_range(f: dataclasses.Field, value: Any, where: str) -> None:
 def parse_dataclass(cls: type, data: Any, section: str) -> Any:
     """Build a frozen `cls` from a mapping: unknown keys, wrong types and out-of-range values are errors."""
     if data is None:
-        data = {}
+        raise ParamsError(f"section '{section}' is empty (null): give its keys, or remove it where it may be "
+                          "left out; an empty section would silently take the code's defaults")
     if not isinstance(data, dict):
         raise ParamsError(f"section '{section}': expected a mapping of keys, got {type(data).__name__} {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -145,7 +173,7 @@ def load_yaml(path: Path | str) -> dict:
     if not path.is_file():
         raise ParamsError(f"params file {path} not found (run from the repository root or pass --params)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ParamsError(f"params file {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -164,7 +192,7 @@ def apply_overrides(data: dict, sets: list[str] | tuple[str, ...]) -> dict:
         if not sep or len(parts) < 2 or not all(parts):
             raise ParamsError(f"--set {item!r}: expected section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ParamsError(f"--set {item!r}: value is not valid YAML: {e}") from e
         node = out
@@ -197,7 +225,7 @@ def load_params(path: Path | str, section: str, cls: type, sets: list[str] | tup
         top = item.partition("=")[0].split(".")[0]
         if top not in ("base", section):
             raise ParamsError(f"--set {item!r}: stage '{section}' reads only sections 'base' and '{section}'")
-    base = parse_dataclass(BaseParams, data.get("base"), "base")
+    base = parse_dataclass(BaseParams, data.get("base", {}), "base")
     if section not in data:
         raise ParamsError(f"params file {path} has no section '{section}'")
     return base, parse_dataclass(cls, data.get(section), section)

@@ -137,3 +137,50 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ParamsError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+# YAML 1.2 float spellings (what DVC writes for `dvc exp run -S`) and their values, computed by hand.
+FLOATS = [("1e-3", 0.001), ("1E-3", 0.001), ("1.0e-3", 0.001), (".5", 0.5), ("-2e+0", -2.0), ("1e-05", 0.00001),
+          ("3.", 3.0), ("+.25e1", 2.5)]
+
+
+@pytest.mark.parametrize("text, value", FLOATS)
+def test_yaml12_floats_through_set_and_params_file(tmp_path, text, value):
+    @dataclass(frozen=True)
+    class Signed:
+        lr: float = param(0.1)
+
+    via_set = load_params(_write(tmp_path, "demo: {}\n"), "demo", Signed, [f"demo.lr={text}"])[1].lr
+    via_file = load_params(_write(tmp_path, f"demo:\n  lr: {text}\n"), "demo", Signed)[1].lr
+    assert via_set == via_file == value and isinstance(via_file, float)
+
+
+@pytest.mark.parametrize("text", ["1e", "e3", "1e-3x", "1.2.3", "0x1p-3"])
+def test_non_numbers_stay_strings_and_are_refused_as_floats(tmp_path, text):
+    with pytest.raises(ParamsError, match=r"demo.lr: .* is a str, expected float"):
+        load_params(_write(tmp_path, f"demo:\n  lr: {text}\n"), "demo", Demo)
+
+
+def test_integers_stay_integers(tmp_path):
+    _, demo = load_params(_write(tmp_path, "demo: {steps: 12}\n"), "demo", Demo, ["demo.world.size=3"])
+    assert demo.steps == 12 and demo.world.size == 3  # an int field refuses floats, so 12 must not become 12.0
+
+
+@pytest.mark.parametrize("text", [".nan", ".NaN", ".inf", "-.inf", "+.Inf"])
+def test_non_finite_floats_refused_unless_the_field_allows(tmp_path, text):
+    @dataclass(frozen=True)
+    class Loose:
+        lr: float = param(0.1, min=0.0)
+        limit: float = param(1.0, nonfinite=True)
+
+    with pytest.raises(ParamsError, match=r"demo.lr: .* is not a finite number"):
+        load_params(_write(tmp_path, "demo: {}\n"), "demo", Loose, [f"demo.lr={text}"])
+    limit = load_params(_write(tmp_path, "demo: {}\n"), "demo", Loose, [f"demo.limit={text}"])[1].limit
+    assert limit != limit if "nan" in text.lower() else limit == float(text.replace(".", "").lower() + "inity")
+
+
+@pytest.mark.parametrize("text, section", [("base: {}\ndemo:\n", "demo"), ("base:\ndemo: {}\n", "base"),
+                                           ("demo:\n  world:\n", "demo.world")])
+def test_null_section_is_an_error_naming_it(tmp_path, text, section):
+    with pytest.raises(ParamsError, match=f"section '{section}' is empty"):
+        load_params(_write(tmp_path, text), "demo", Demo)
