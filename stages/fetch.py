@@ -11,7 +11,7 @@ from pathlib import Path
 from ctxrepro.config import param
 from ctxrepro.data.download import DownloadError, RetryPolicy
 from ctxrepro.data.fetch import fetch_dataset
-from ctxrepro.io import atomic_dir, atomic_write_json
+from ctxrepro.io import atomic_dir, atomic_write_json, remove_stale_temps, temp_prefix
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.world import INDEX, WorldSpec, generate
 
@@ -51,7 +51,9 @@ def run(params: Params, ctx: StageContext) -> None:
     raw, downloads = ctx.root / RAW, ctx.root / DOWNLOADS
     downloads.mkdir(parents=True, exist_ok=True)
     metrics: dict = {"datasets": {}}
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".builtin.") as world_dir, atomic_dir(raw) as out:
+    remove_stale_temps(downloads, "builtin", ctx.log)  # a killed run's world (atomic_dir cleans data/.raw.*)
+    builtin_dir = tempfile.TemporaryDirectory(dir=downloads, prefix=temp_prefix("builtin"), suffix=".tmp")
+    with builtin_dir as world_dir, atomic_dir(raw) as out:
         if builtin:
             ctx.log.info("generating the embedded tiny world (seed %d) for %s", ctx.base.seed, ", ".join(builtin))
             summary = generate(Path(world_dir), params.world, ctx.base.seed, log=ctx.log)

@@ -32,6 +32,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -105,8 +106,23 @@ def iter_tasks(raw_root: Path, splits: Iterable[str], shard: tuple[int, int] = (
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameter numbers (malloc.h)
 
 
-def _init_worker() -> None:
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _die_with(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this worker when its parent dies, so a killed stage leaves no workers."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(parent: int | None = None) -> None:
     """Set up a process that resizes images: one OpenCV thread, and malloc keeping freed image buffers."""
+    if parent is not None:
+        _die_with(parent)
     # Parallelism comes from processes; OpenCV's own threads would only compete for the same cores.
     cv2.setNumThreads(1)
     # glibc hands freed multi-MB buffers back to the OS and page-faults them in again for the next image:
@@ -151,7 +167,7 @@ def ordered_outcomes(tasks: Iterable[Task], cfg: ResizeConfig, raw_root: Path, o
             yield from work(chunk)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         pending: collections.deque = collections.deque()
         try:
             for chunk in _chunks(tasks, CHUNK):
