@@ -355,3 +355,47 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     assert tree_bytes(out) == tree_bytes(tmp_path / "a" / "data" / "resized")
     metrics = json.loads((tmp_path / "b" / "metrics" / "resize.json").read_text())
     assert metrics["images_reused"] >= 10 and metrics["images_written"] == 140
+
+
+def test_png_in_a_class_folder_is_counted_under_a_reason(tmp_path):
+    d = tmp_path / "raw" / "imagenet" / "train" / "n01"
+    d.mkdir(parents=True)
+    photo(300, 300, 1).save(d / "x.png", format="PNG")
+    (d / "y.JPEG").write_bytes(jpeg_bytes(photo(300, 300, 2)))
+    photo(300, 300, 3).save(d / "y.png", format="PNG")  # the same output name as y.JPEG, which sorts first
+    _, merged = run_shard(tmp_path / "raw", tmp_path / "out", ["train"], TINY, workers=1)
+    skipped = {r["source"]: r["reason"] for r in read_csv(tmp_path / "out" / "skipped.csv")}
+    assert skipped == {"imagenet/train/n01/x.png": "not_jpeg_name", "imagenet/train/n01/y.png": "duplicate_name"}
+    assert (merged["images_in"], merged["images_written"]) == (3, 1)
+    assert merged["skipped_by_reason"]["not_jpeg_name"] == 1
+
+
+def test_reuse_is_keyed_on_the_source_mtime(tmp_path):
+    """A source whose pixels changed (same size) is resized again; untouched ones are reused."""
+    d = tmp_path / "raw" / "imagenet" / "train" / "n01"
+    d.mkdir(parents=True)
+    for name, seed in (("a.JPEG", 1), ("b.JPEG", 2)):
+        (d / name).write_bytes(jpeg_bytes(photo(300, 240, seed)))
+    run_shard(tmp_path / "raw", tmp_path / "out", ["train"], TINY, workers=1)
+    out = tmp_path / "out" / "train" / "n01"
+    old = out.joinpath("a.jpg").read_bytes()
+    (d / "a.JPEG").write_bytes(jpeg_bytes(photo(300, 240, 3)))  # new pixels, same size
+    os.utime(d / "a.JPEG", ns=(1, os.stat(d / "b.JPEG").st_mtime_ns + 10**9))
+    mine, _ = run_shard(tmp_path / "raw", tmp_path / "out", ["train"], TINY, workers=1)
+    assert (mine["images_written"], mine["images_reused"]) == (2, 1)  # written counts reused ones too
+    assert out.joinpath("a.jpg").read_bytes() != old
+    fresh = tmp_path / "fresh"
+    run_shard(tmp_path / "raw", fresh, ["train"], TINY, workers=1)
+    assert out.joinpath("a.jpg").read_bytes() == (fresh / "train" / "n01" / "a.jpg").read_bytes()
+
+
+def test_exif_orientation_is_not_applied(tmp_path):
+    """Decided: pixels as stored (like torchvision's PIL loader); a 'rotate 90' tag does not swap the sides."""
+    d = tmp_path / "raw" / "imagenet" / "train" / "n01"
+    d.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    photo(400, 240, 1).save(d / "r.JPEG", format="JPEG", quality=90, exif=exif)
+    run_shard(tmp_path / "raw", tmp_path / "out", ["train"], TINY, workers=1)
+    w, h = Image.open(tmp_path / "out" / "train" / "n01" / "r.jpg").size
+    assert w > h and "exif" not in Image.open(tmp_path / "out" / "train" / "n01" / "r.jpg").info

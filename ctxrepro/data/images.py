@@ -4,6 +4,10 @@ The pretext task (paper section 3) trains on ImageNet photographs; ImageNet hold
 not what their name says (a PNG named .JPEG, CMYK and grayscale JPEGs; ../shared/DATA.md). This module
 turns every file into either an RGB uint8 array or a `JunkImage` with a reason from `REASONS`, so that
 the resize stage can count and list bad files instead of dying on them.
+
+EXIF Orientation is not applied: pixels are used as stored, as the usual ImageNet loader does (PIL-based
+torchvision ImageFolder), so the pretext task sees the same images as most ImageNet models do;
+outputs carry no metadata, so no reader can rotate them later either.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ REASONS = (
     "too_large",  # more pixels than PIL's decompression-bomb limit
     "unsupported_mode",  # a JPEG colour mode that cannot be converted to RGB
     "duplicate_name",  # two source files that map onto the same output name (a.JPEG and a.jpg)
+    "not_jpeg_name",  # an image file not named .JPEG/.jpg (x.png in a class folder): not part of ImageNet
     "too_small",  # after resizing, a 2x2 grid of patches with gaps does not fit (see ctxrepro.data.resize)
 )
 

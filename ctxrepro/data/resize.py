@@ -156,13 +156,17 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def is_complete(path: Path, size: tuple[int, int]) -> bool:
-    """True if `path` is a whole JPEG of `size` (header parses, end-of-image marker present).
+def is_complete(path: Path, size: tuple[int, int], source_mtime_ns: int | None = None) -> bool:
+    """True if `path` is a whole JPEG of `size` (header parses, end-of-image marker present), written from
+    a source with modification time `source_mtime_ns` (outputs carry their source's mtime).
 
     Outputs are renamed into place only when written, so a partial file is unexpected; the check also
-    catches a file damaged since (e.g. by a crash before the page cache reached the disk).
+    catches a file damaged since (e.g. by a crash before the page cache reached the disk), and the mtime
+    a source whose pixels changed since (same size, so the planned size alone would not tell).
     """
     try:
+        if source_mtime_ns is not None and os.stat(path).st_mtime_ns != source_mtime_ns:
+            return False
         with open(path, "rb") as f:
             with Image.open(f, formats=("JPEG",)) as im:
                 if im.size != tuple(size):
@@ -230,6 +234,9 @@ def process_image(task: Task, cfg: ResizeConfig, raw_root: Path, out_root: Path,
     """
     if task.duplicate:
         return Outcome(task, "skipped", reason="duplicate_name", detail=f"another file maps onto {task.path}")
+    if not task.source.lower().endswith((".jpeg", ".jpg")):  # e.g. x.png: fetch counts it, ImageNet has none
+        return Outcome(task, "skipped", reason="not_jpeg_name",
+                       detail=f"{os.path.basename(task.source)}: ImageNet's class folders hold only .JPEG files")
     try:
         fp = open(raw_root / task.source, "rb")
     except OSError as e:
@@ -240,10 +247,12 @@ def process_image(task: Task, cfg: ResizeConfig, raw_root: Path, out_root: Path,
             orig = im.size
             size = _check_and_plan(im, task, cfg)
             out = out_root / task.path
-            if is_complete(out, size):
+            mtime_ns = os.fstat(fp.fileno()).st_mtime_ns
+            if is_complete(out, size, mtime_ns):
                 return Outcome(task, "reused", orig, size, None if im.mode == "RGB" else im.mode)
             decoded = decode_rgb(im, draft_size(orig, size, cfg.reducing_gap))
         except JunkImage as e:
             return Outcome(task, "skipped", reason=e.reason, detail=e.detail)
     write_atomic(out, encode_jpeg(resample(decoded.rgb, size), cfg.quality), tmp_dir)
+    os.utime(out, ns=(mtime_ns, mtime_ns))  # the reuse key of a later run (is_complete)
     return Outcome(task, "written", orig, size, decoded.converted_from)

@@ -47,7 +47,8 @@ from ctxrepro.data.resize import ALGORITHM, Outcome, ResizeConfig, Task, process
 from ctxrepro.progress import track
 
 DATASET = "imagenet"  # sources live in raw_root/imagenet/<split>/ (the fetch stage's layout)
-JPEG_SUFFIXES = (".jpeg", ".jpg")
+# What fetch counts as images (extract.IMAGE_SUFFIXES): .png files are listed, then skipped as not_jpeg_name.
+LISTED_SUFFIXES = (".jpeg", ".jpg", ".png")
 MANIFEST_HEADER = ("split", "path", "source", "orig_width", "orig_height", "width", "height")
 SKIPPED_HEADER = ("split", "path", "source", "reason", "detail")
 STAMP = "resize_params.json"
@@ -66,7 +67,7 @@ def _listing(folder: Path) -> list[tuple[str, str, bool]]:
         for e in it:
             if e.is_dir():
                 entries.append((e.name + "/", e.name, True))
-            elif e.is_file() and os.path.splitext(e.name)[1].lower() in JPEG_SUFFIXES:
+            elif e.is_file() and os.path.splitext(e.name)[1].lower() in LISTED_SUFFIXES:
                 entries.append((os.path.splitext(e.name)[0] + ".jpg", e.name, False))
     entries.sort()
     return entries
