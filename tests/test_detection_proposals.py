@@ -118,3 +118,17 @@ def test_recall_hand_values():
     gt = {"a": np.array([[0, 0, 9, 9], [0, 0, 19, 9]], float), "b": np.array([[0, 0, 5, 5]], float)}
     # IoUs: 1.0, 0.5 (100 / 200), and 0 for the image without proposals
     assert P.recall(props, gt, (0.5, 0.7)) == {"0.5": pytest.approx(2 / 3), "0.7": pytest.approx(1 / 3)}
+
+
+def test_truncated_jpeg_is_refused_naming_the_file(tmp_path):
+    """OpenCV would decode the first half and warn "Premature end of JPEG file" without naming the file."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "000001.jpg"
+    cv2.imwrite(str(path), rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    assert cv2.imread(str(path)) is not None  # what made it slip through: OpenCV returns an image
+    with pytest.raises(ValueError, match=r"000001.jpg: truncated JPEG"):
+        P.search_image(path, P.SearchConfig())
+    with pytest.raises(ValueError, match=r"000001.jpg: truncated JPEG"):
+        P.compute_opencv({"000001": path}, tmp_path / "cache", P.SearchConfig(), 1, logging.getLogger("t"))

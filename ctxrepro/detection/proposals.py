@@ -146,9 +146,21 @@ def cache_key(image_sha256: str, settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def check_whole_jpeg(path: Path) -> None:
+    """Refuse a JPEG without its end-of-image marker: OpenCV decodes it half-way, warning without a name."""
+    if Path(path).suffix.lower() not in (".jpg", ".jpeg"):
+        return
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 4096))
+        if b"\xff\xd9" not in f.read():
+            raise ValueError(f"{path}: truncated JPEG (no end-of-image marker); fetch the data set again")
+
+
 def search_image(path: Path, cfg: SearchConfig) -> tuple[np.ndarray, str]:
     """Selective search boxes of one image file (canonical, capped) and the image's sha256."""
     digest = file_digest(path)
+    check_whole_jpeg(path)
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ValueError(f"{path}: OpenCV cannot decode this image")
