@@ -108,6 +108,7 @@ def test_stopped_and_resumed_run_is_bit_identical(data, reference, tmp_path):
     assert metrics["train_loss"] == ref_metrics["train_loss"] and metrics["steps"] == 6
 
 
+@pytest.mark.faults
 def test_sigkilled_run_resumes_bit_identical(data, reference, tmp_path):
     """A child process SIGKILLs itself right after logging step 5 (the last checkpoint is step 4)."""
     script = (

@@ -7,20 +7,35 @@ next run keeps, and no orphaned worker; a failed run leaves earlier outputs inta
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
+import logging
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
+from helpers import jpeg_bytes, photo, write_md5sums
 
-from ctxrepro.io import atomic_dir, remove_stale_temps, temp_prefix
+from ctxrepro.config import BaseParams
+from ctxrepro.data import imagenet
+from ctxrepro.data.download import RetryPolicy
+from ctxrepro.data.fetch import fetch_dataset
+from ctxrepro.io import atomic_dir, remove_stale_temps
+from ctxrepro.stage import StageContext, StageError
+from stages.fetch import _fetch_one
 
 pytestmark = pytest.mark.faults
 ROOT = Path(__file__).resolve().parents[1]
+LOG = logging.getLogger("test_faults")
+CTX = StageContext(BaseParams(), "cpu", LOG)
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -110,3 +125,136 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+# ------------------------------------------------------------------ fetch: hostile, broken, killed, full disk
+
+def _tar(members: list[tuple[str, bytes, bytes, str]]) -> bytes:
+    """members: (name, data, tar type, link name); written raw so hostile names survive."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data, kind, link in members:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
+            tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+def _class_tar(extra: list | None = None) -> bytes:
+    good = [(f"n01000000_{k}.JPEG", jpeg_bytes(photo(64, 48, k)), tarfile.REGTYPE, "") for k in range(3)]
+    return _tar(good + (extra or []))
+
+
+def _train_tar(inner: bytes, outer_extra: list | None = None) -> bytes:
+    return _tar([("n01000000.tar", inner, tarfile.REGTYPE, "")] + (outer_extra or []))
+
+
+def _cut(data: bytes, index: int, into: int = 0) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return data[:tf.getmembers()[index].offset + into]
+
+
+def _hostile_cases() -> dict[str, tuple[bytes, str, str | None]]:
+    """case -> (train tar, archive named in the error, member named in the error)."""
+    reg, sym, lnk, chr_ = tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE
+    outer, inner = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_train.tar:n01000000.tar"
+    two = _tar([("n01000000.tar", _class_tar(), reg, ""), ("n02000000.tar", _class_tar(), reg, "")])
+    return {
+        "traversal": (_train_tar(_class_tar([("../../evil.JPEG", b"x", reg, "")])), inner, "../../evil.JPEG"),
+        "absolute": (_train_tar(_class_tar([("/tmp/evil.JPEG", b"x", reg, "")])), inner, "/tmp/evil.JPEG"),
+        "link out": (_train_tar(_class_tar([("l.JPEG", b"", sym, "/etc/passwd")])), inner, "l.JPEG"),
+        "hard link": (_train_tar(_class_tar([("h.JPEG", b"", lnk, "/etc/passwd")])), inner, "h.JPEG"),
+        "device": (_train_tar(_class_tar([("d.JPEG", b"", chr_, "")])), inner, "d.JPEG"),
+        "outer link": (_train_tar(_class_tar(), [("n02000000.tar", b"", sym, "/etc")]), outer, "n02000000.tar"),
+        "cut at boundary": (_cut(two, 1), outer, "n01000000.tar"),
+        # inside n02000000.tar: its stream reader fails on its first read (member None: "at its start")
+        "cut mid-member": (_cut(two, 1, 512 + 700), outer + ":n02000000.tar", None),
+    }
+
+
+@pytest.fixture()
+def fetched(tmp_path):
+    """A repo whose data/raw/imagenet came from a good train tar; returns (root, source folder)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ILSVRC2012_img_train.tar").write_bytes(_train_tar(_class_tar()))
+    write_md5sums(src)
+    fetch_dataset("imagenet", str(src), tmp_path / "data/raw/imagenet", tmp_path / "data/downloads", log=LOG)
+    return tmp_path, src
+
+
+@pytest.mark.parametrize("case", list(_hostile_cases()))
+def test_hostile_and_broken_archives_are_one_line_and_leave_raw_unchanged(fetched, case):
+    root, src = fetched
+    data, archive, member = _hostile_cases()[case]
+    (src / "ILSVRC2012_img_train.tar").write_bytes(data)
+    write_md5sums(src)  # vouched for: only the archive's own content can refuse it
+    before = digests(root / "data")
+    with pytest.raises(StageError) as err:
+        _fetch_one("imagenet", src, root / "data/raw/imagenet", root / "data/downloads", RetryPolicy(), True, CTX)
+    message = str(err.value)
+    named = repr(member) if member is not None else "at its start"
+    assert "\n" not in message and archive in message and named in message, message
+    assert digests(root / "data") == before and sorted(os.listdir(root / "data/raw")) == ["imagenet"]
+
+
+def test_md5_mismatch_is_one_line_and_leaves_raw_unchanged(fetched):
+    root, src = fetched
+    (src / "ILSVRC2012_img_train.tar").write_bytes(_train_tar(_class_tar([("n01000000_9.JPEG", b"y", tarfile.REGTYPE, "")])))
+    before = digests(root / "data")  # MD5SUMS still lists the old tar's digest
+    with pytest.raises(StageError, match=r"^fetch imagenet from .*ILSVRC2012_img_train.tar.*md5 mismatch") as err:
+        _fetch_one("imagenet", src, root / "data/raw/imagenet", root / "data/downloads", RetryPolicy(), True, CTX)
+    assert "\n" not in str(err.value) and digests(root / "data") == before
+
+
+def test_write_failure_after_n_files_names_the_error_and_leaves_nothing_half_written(fetched, monkeypatch):
+    root, src = fetched
+    (src / "ILSVRC2012_img_train.tar").write_bytes(_train_tar(_class_tar([("n01000000_7.JPEG", b"z", tarfile.REGTYPE, "")])))
+    write_md5sums(src)
+    before = digests(root / "data")
+    calls = {"n": 0}
+    real = shutil.copyfileobj
+
+    def full_disk(src_f, dst_f, length=0):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", dst_f.name)
+        return real(src_f, dst_f, length)
+
+    monkeypatch.setattr(imagenet.shutil, "copyfileobj", full_disk)
+    with pytest.raises(StageError, match=r"No space left on device: '.*n01000000_2.JPEG'") as err:
+        _fetch_one("imagenet", src, root / "data/raw/imagenet", root / "data/downloads", RetryPolicy(), True, CTX)
+    assert "\n" not in str(err.value)
+    assert digests(root / "data") == before and sorted(os.listdir(root / "data/raw")) == ["imagenet"]
+
+
+@pytest.mark.slow
+def test_sigkill_during_fetch_then_rerun_gives_the_clean_result(tmp_path):
+    """Kill a local-tar fetch at random moments; the rerun must match a clean fetch and leave no temp tree."""
+    src = tmp_path / "src"
+    src.mkdir()
+    inner = _tar([(f"n01000000_{k}.JPEG", bytes([k % 251]) * 20_000, tarfile.REGTYPE, "") for k in range(1500)])
+    (src / "ILSVRC2012_img_train.tar").write_bytes(_train_tar(inner))
+    write_md5sums(src)
+    clean = tmp_path / "clean/raw/imagenet"
+    fetch_dataset("imagenet", str(src), clean, tmp_path / "clean/dl", log=LOG)
+    script = ("import sys\nfrom ctxrepro.data.fetch import fetch_dataset\nprint('start', flush=True)\n"
+              "fetch_dataset('imagenet', sys.argv[1], sys.argv[2], sys.argv[3])\n")
+    dest = tmp_path / "data/raw/imagenet"
+    rng = random.Random(18)
+    left = set()
+    start = time.monotonic()
+    fetch_dataset("imagenet", str(src), tmp_path / "timing/imagenet", tmp_path / "timing/dl", log=LOG)
+    seconds = time.monotonic() - start
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", script, str(src), str(dest), str(tmp_path / "data/dl")],
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+        child.stdout.readline()
+        time.sleep(rng.uniform(0.1, 0.9) * seconds)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        left |= {p.name for p in dest.parent.iterdir() if p.name.startswith(f".imagenet.{child.pid}.")}
+    assert left  # at least one kill landed mid-extraction and left its temporary tree
+    fetch_dataset("imagenet", str(src), dest, tmp_path / "data/dl", log=LOG)
+    assert digests(dest) == digests(clean)
+    assert sorted(os.listdir(dest.parent)) == ["imagenet"]  # the killed runs' temporary trees are gone

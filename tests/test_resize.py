@@ -323,6 +323,7 @@ def count_outputs(out: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_killed_run_resumes_to_identical_output(tmp_path):
     """SIGKILL the stage (all its processes) once some images exist, rerun, compare with a clean run."""
     for name, n in (("n01", 70), ("n02", 70)):
