@@ -7,6 +7,7 @@ next run keeps, and no orphaned worker; a failed run leaves earlier outputs inta
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import io
@@ -21,13 +22,17 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import jpeg_bytes, photo, write_md5sums
+from PIL import Image
 
 from ctxrepro.config import BaseParams
 from ctxrepro.data import imagenet
 from ctxrepro.data.download import RetryPolicy
 from ctxrepro.data.fetch import fetch_dataset
+from ctxrepro.data.resize import ResizeConfig
+from ctxrepro.data.resize_run import run_shard
 from ctxrepro.io import atomic_dir, remove_stale_temps
 from ctxrepro.stage import StageContext, StageError
 from stages.fetch import _fetch_one
@@ -258,3 +263,68 @@ def test_sigkill_during_fetch_then_rerun_gives_the_clean_result(tmp_path):
     fetch_dataset("imagenet", str(src), dest, tmp_path / "data/dl", log=LOG)
     assert digests(dest) == digests(clean)
     assert sorted(os.listdir(dest.parent)) == ["imagenet"]  # the killed runs' temporary trees are gone
+
+
+# ------------------------------------------------------------------ junk that real ImageNet copies hold
+
+def _png(array, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, **kw).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _junk_members() -> tuple[dict[str, bytes], dict[str, str], set[str]]:
+    """(class tar members, expected skip reason per junk name, names that must be written)."""
+    good = jpeg_bytes(photo(300, 240, 1))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    huge = bytearray(_jpeg(photo(64, 48, 2)))
+    sof = huge.index(b"\xff\xc0")
+    huge[sof + 5:sof + 9] = (40000).to_bytes(2, "big") * 2  # the header claims 40000 x 40000
+    members = {
+        "n01000000_1.JPEG": good,
+        "n01000000_2.JPEG": _jpeg(Image.new("CMYK", (300, 260), (0, 255, 255, 0))),
+        "n01000000_3.JPEG": _jpeg(photo(280, 250, 3).convert("L")),
+        "n01000000_4 copy é.JPEG": jpeg_bytes(photo(290, 250, 4)),  # odd but safe name
+        "n01000000_5.JPEG": _jpeg(photo(320, 240, 5), exif=exif.tobytes()),
+        "n01000000_6.JPEG": _png(np.asarray(photo(300, 300, 6))),  # PNG named .JPEG
+        "n01000000_7.JPEG": _png((np.arange(300 * 300, dtype=np.uint16).reshape(300, 300) * 7)),  # 16-bit PNG
+        "n01000000_8.JPEG": good[: len(good) // 2],
+        "n01000000_9.JPEG": b"",
+        "n01000000_10.JPEG": b"<html>404 Not Found</html>\n",
+        "n01000000_11.JPEG": _jpeg(photo(1, 1, 11)),
+        "n01000000_12.JPEG": bytes(huge),
+        "n01000000_13.png": _png(np.asarray(photo(300, 300, 13))),
+    }
+    reasons = {"n01000000_6.JPEG": "png_named_jpeg", "n01000000_7.JPEG": "png_named_jpeg",
+               "n01000000_8.JPEG": "truncated", "n01000000_9.JPEG": "empty", "n01000000_10.JPEG": "corrupt",
+               "n01000000_11.JPEG": "too_small", "n01000000_12.JPEG": "too_large",
+               "n01000000_13.png": "not_jpeg_name"}
+    return members, reasons, {n for n in members if n not in reasons}
+
+
+def test_junk_images_through_fetch_then_resize_are_each_counted(tmp_path):
+    members, reasons, good = _junk_members()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ILSVRC2012_img_train.tar").write_bytes(_tar([("n01000000.tar", _tar(
+        [(n, b, tarfile.REGTYPE, "") for n, b in members.items()]), tarfile.REGTYPE, "")]))
+    write_md5sums(src)
+    report = fetch_dataset("imagenet", str(src), tmp_path / "raw/imagenet", tmp_path / "dl", log=LOG)
+    assert report.images == report.files == len(members)
+    # max_upscale 4 as in the tiny profile (the paper's 0 would enlarge the 1x1 image like the released code)
+    cfg = ResizeConfig(min_pixels=50_000, max_pixels=90_000, patch=48, gap=24, seed=7, max_upscale=4.0)
+    _, merged = run_shard(tmp_path / "raw", tmp_path / "out", ["train"], cfg, workers=1)
+    with open(tmp_path / "out/skipped.csv", newline="") as f:
+        skipped = {Path(r["source"]).name: r["reason"] for r in csv.DictReader(f)}
+    assert skipped == reasons
+    written = {p.name for p in (tmp_path / "out/train/n01000000").iterdir()}
+    assert written == {n.rsplit(".", 1)[0] + ".jpg" for n in good}
+    assert (merged["images_in"], merged["images_written"]) == (len(members), len(good))
+    assert merged["converted_by_mode"] == {"CMYK": 1, "L": 1}
