@@ -15,7 +15,7 @@ from helpers import tar_bytes
 from scipy.io import savemat
 
 from ctxrepro.data import nyu
-from ctxrepro.data.imagenet import iter_tar_of_tars
+from ctxrepro.data.imagenet import iter_class_images, iter_class_tars
 from ctxrepro.data.voc import VOC_CLASSES, BndBox, load_split, parse_annotation, read_class_image_set, read_image_set
 
 # As the VOC2007 devkit writes it: tabs, a nested <annotation> inside <source>, no <occluded>.
@@ -238,9 +238,10 @@ def test_normals_pickle_may_only_build_arrays(tmp_path):
         nyu.load_normals(pklz)
 
 
-def test_iter_tar_of_tars_streams_in_archive_order():
+def test_class_tars_and_their_images_stream_in_archive_order():
     outer = tar_bytes({"n02000000.tar": tar_bytes({"n02000000_5.JPEG": b"five", "n02000000_1.JPEG": b"one"}),
                   "./n01000000.tar": tar_bytes({"./n01000000_3.JPEG": b"three"})})
-    got = [(w, n, s.read(), size) for w, n, s, size in iter_tar_of_tars(io.BytesIO(outer), "t.tar")]
+    got = [(w, n, s.read(), size) for w, label, cls in iter_class_tars(io.BytesIO(outer), "t.tar")
+           for n, s, size in iter_class_images(cls, label)]
     assert got == [("n02000000", "n02000000_5.JPEG", b"five", 4), ("n02000000", "n02000000_1.JPEG", b"one", 3),
                    ("n01000000", "n01000000_3.JPEG", b"three", 5)]

@@ -181,7 +181,7 @@ def _obtain(loc: Located, downloads: Path, retry: RetryPolicy, log: logging.Logg
     return got.path, got
 
 
-def _place_file(loc: Located, path: Path, tmp: Path, algos: tuple[str, ...], log: logging.Logger,
+def _place_file(loc: Located, path: Path, tmp: Path, downloads: Path, algos: tuple[str, ...], log: logging.Logger,
                 report: FetchReport) -> extract.Extracted:
     a = loc.archive
     if a.place == "file":
@@ -196,8 +196,10 @@ def _place_file(loc: Located, path: Path, tmp: Path, algos: tuple[str, ...], log
         return extract.Extracted(tally, size, digests)
     if a.place == "imagenet_train":
         real_size = path.stat().st_size == a.size
+        # resumable after a kill: finished class tars are kept beside the downloads until the end
         return imagenet.extract_train_tar(path, tmp / a.extracts_to, algos=algos, log=log,
-                                          total=a.images if real_size else None)
+                                          classes=imagenet.TRAIN_CLASSES if real_size else None,
+                                          resume=downloads / f".{a.name}.extracting")
     target = tmp / a.extracts_to if a.place == "imagenet_val" else tmp
     return extract.extract_archive(path, target, algos=algos)
 
@@ -212,7 +214,7 @@ def _place(loc: Located, tmp: Path, downloads: Path, retry: RetryPolicy, log: lo
     if got is None:
         loc.expected.check_size(f"{a.name} ({path})", path.stat().st_size)
     hashed_already = got is not None and got.digests is not None
-    done = _place_file(loc, path, tmp, () if hashed_already else loc.expected.algos(), log, report)
+    done = _place_file(loc, path, tmp, downloads, () if hashed_already else loc.expected.algos(), log, report)
     if hashed_already:
         verdict = got.verdict
     else:

@@ -14,6 +14,7 @@ the file is not what it claims to be; skipping it would hide that.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,10 +24,12 @@ import unicodedata
 from pathlib import Path
 from typing import IO, Iterator
 
-from ctxrepro.data.extract import Extracted, Reading, Tally, UnsafeArchiveError, open_stream, require_end
-from ctxrepro.data.registry import HashingReader
+from ctxrepro.data.extract import ArchiveError, Extracted, Reading, Tally, UnsafeArchiveError, open_stream, require_end
+from ctxrepro.data.registry import ChecksumError, HashingReader
+from ctxrepro.io import atomic_write_json
 from ctxrepro.progress import track
 
+TRAIN_CLASSES = 1000  # class tars in the real ILSVRC2012_img_train.tar
 CLASS_TAR = re.compile(r"^(n\d{8})\.tar$")
 WNID = re.compile(r"^n\d{8}$")
 
@@ -53,14 +56,13 @@ def _flat_name(member: tarfile.TarInfo, label: str, seen: set[str]) -> str:
     return name
 
 
-def iter_tar_of_tars(fileobj: IO[bytes], label: str) -> Iterator[tuple[str, str, IO[bytes], int]]:
-    """Yield (wnid, file name, stream, size) per image of a train tar read sequentially from `fileobj`.
+def iter_class_tars(fileobj: IO[bytes], label: str) -> Iterator[tuple[str, str, IO[bytes]]]:
+    """Yield (wnid, label, stream) per class tar of a train tar read sequentially from `fileobj`.
 
-    Each stream must be read before the next item is requested (both tars are in stream mode).
-    Anything but class tars `nXXXXXXXX.tar` in the outer tar, or anything but plain files inside one,
-    is refused with an error naming the member. Both tars must be whole (`extract.require_end`).
+    Each stream must be read before the next item is requested (stream mode). Anything but class tars
+    `nXXXXXXXX.tar` is refused with an error naming the member; the tar must be whole (`require_end`).
     """
-    seen_classes: set[str] = set()
+    seen: set[str] = set()
     with Reading(label) as at, open_stream(fileobj) as outer:
         for m in outer:
             at.member = name = m.name.removeprefix("./")
@@ -69,39 +71,109 @@ def iter_tar_of_tars(fileobj: IO[bytes], label: str) -> Iterator[tuple[str, str,
             match = CLASS_TAR.match(name)
             if not (m.isreg() and match):
                 raise UnsafeArchiveError(label, m.name, "expected only class tars named nXXXXXXXX.tar")
-            if name in seen_classes:
+            if name in seen:
                 raise UnsafeArchiveError(label, m.name, "the same class tar twice")
-            seen_classes.add(name)
-            inner_label, seen = f"{label}:{name}", set()
-            with Reading(inner_label) as inner_at, open_stream(outer.extractfile(m), "r|") as inner:
-                for im in inner:
-                    inner_at.member = im.name
-                    yield match.group(1), _flat_name(im, inner_label, seen), inner.extractfile(im), im.size
-                require_end(inner, inner_label, inner_at.member)
+            seen.add(name)
+            yield match.group(1), f"{label}:{name}", outer.extractfile(m)
         require_end(outer, label, at.member)
 
 
-def extract_train_tar(path: Path, dest: Path, *, algos: tuple[str, ...] = (), total: int | None = None,
-                      log: logging.Logger | None = None) -> Extracted:
+def iter_class_images(stream: IO[bytes], label: str) -> Iterator[tuple[str, IO[bytes], int]]:
+    """Yield (file name, stream, size) per image of one class tar; only plain, safe, new names pass."""
+    seen: set[str] = set()
+    with Reading(label) as at, open_stream(stream, "r|") as inner:
+        for im in inner:
+            at.member = im.name
+            yield _flat_name(im, label, seen), inner.extractfile(im), im.size
+        require_end(inner, label, at.member)
+
+
+def _extract_class(stream: IO[bytes], label: str, folder: Path) -> Tally:
+    tally = Tally()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image, size in iter_class_images(stream, label):
+        with Reading(label, name), open(folder / name, "wb") as out:
+            shutil.copyfileobj(image, out, 1 << 20)
+        tally.add(name, size)
+    return tally
+
+
+class ClassJournal:
+    """The class tars of one train tar already extracted into a folder that outlives a killed fetch.
+
+    `source.json` identifies the train tar (name, size, mtime); `done.json` maps each finished class tar to
+    its md5 and tally, rewritten atomically after the class's files reached the disk. A journal of another
+    file is discarded whole.
+    """
+
+    def __init__(self, folder: Path, source: Path):
+        st = source.stat()
+        self.folder, self.tree = folder, folder / "train"
+        ident = {"name": source.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        try:
+            same = json.loads((folder / "source.json").read_text()) == ident
+            self.done = json.loads((folder / "done.json").read_text()) if same else {}
+        except (OSError, ValueError):
+            same, self.done = False, {}
+        if not same:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            atomic_write_json(folder / "source.json", ident)
+
+    def record(self, wnid: str, md5: str, tally: Tally) -> None:
+        os.sync()  # the class's files before the record that says they are there
+        self.done[wnid] = {"md5": md5, "files": tally.files, "bytes": tally.bytes, "images": tally.images}
+        atomic_write_json(self.folder / "done.json", self.done)
+
+
+def _place_class(wnid: str, label: str, stream: IO[bytes], work: Path, journal: ClassJournal | None) -> Tally:
+    """Extract one class tar into work/<wnid>, or only re-hash it when the journal has it already."""
+    hashed = HashingReader(stream, ("md5",))
+    done = journal.done.get(wnid) if journal is not None else None
+    if done is None:
+        shutil.rmtree(work / wnid, ignore_errors=True)  # a class a killed run was writing
+        tally = _extract_class(hashed, label, work / wnid)
+    hashed.drain()  # the padding after the inner end blocks is part of the class tar's bytes
+    md5 = hashed.digests()["md5"]
+    if done is None:
+        if journal is not None:
+            journal.record(wnid, md5, tally)
+        return tally
+    if md5 != done["md5"]:
+        shutil.rmtree(journal.folder, ignore_errors=True)
+        raise ChecksumError(f"{label}: md5 {md5} differs from the copy extracted before an interruption "
+                            f"({done['md5']}): the file changed; the partial extraction was discarded, run again")
+    return Tally(done["files"], done["bytes"], done["images"])
+
+
+def extract_train_tar(path: Path, dest: Path, *, algos: tuple[str, ...] = (), classes: int | None = None,
+                      log: logging.Logger | None = None, resume: Path | None = None) -> Extracted:
     """Stream the train tar of tars into `dest/<wnid>/<file>`, hashing the outer file on the way.
 
-    `total` (the expected image count, when known) only feeds the progress ETA.
+    With `resume` (a folder outside the stage's temporary output), extraction goes there first and each
+    finished class tar is journaled: a rerun after a kill still reads and hashes the whole file (its
+    checksum needs every byte) but writes only the class tars not yet done; the tree moves to `dest` at the
+    end and the folder is removed. `classes` (the expected count, when known) only feeds the progress ETA.
     """
-    tally = Tally()
-    dest.mkdir(parents=True, exist_ok=True)
-    made: set[str] = set()
+    journal = ClassJournal(resume, Path(path)) if resume is not None else None
+    work = journal.tree if journal is not None else dest
+    work.mkdir(parents=True, exist_ok=True)
+    tally, name = Tally(), Path(path).name
     with open(path, "rb") as f:
         reader = HashingReader(f, algos)
-        images = iter_tar_of_tars(reader, Path(path).name)
-        for wnid, name, stream, size in track(images, total=total, desc=f"extract {Path(path).name}",
-                                              unit="img", log=log):
-            if wnid not in made:
-                (dest / wnid).mkdir(exist_ok=True)
-                made.add(wnid)
-            with Reading(f"{Path(path).name}:{wnid}.tar", name), open(dest / wnid / name, "wb") as out:
-                shutil.copyfileobj(stream, out, 1 << 20)
-            tally.add(name, size)
+        try:
+            for wnid, label, stream in track(iter_class_tars(reader, name), total=classes,
+                                             desc=f"extract {name}", unit="class", log=log):
+                tally.merge(_place_class(wnid, label, stream, work, journal))
+        except ArchiveError:  # a refused file is no work to resume (a kill or a full disk is)
+            if journal is not None:
+                shutil.rmtree(journal.folder, ignore_errors=True)
+            raise
         reader.drain()
+    if journal is not None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(work), str(dest))  # a rename on one file system
+        shutil.rmtree(journal.folder)  # consumed: a failed verification after this starts afresh
     return Extracted(tally, reader.size, reader.digests())
 
 
