@@ -42,8 +42,8 @@ def run(params: Params, ctx: StageContext) -> None:
     try:
         mine, merged = run_shard(ctx.root / RAW, ctx.root / OUT, params.splits, cfg, params.workers,
                                  ctx.shard, ctx.log)
-    except ResizeError as e:
-        raise StageError(str(e)) from e
+    except (ResizeError, OSError) as e:  # OSError: a full disk or read-only output, naming the path
+        raise StageError(f"resize: {e}") from e
     handled = mine["images_in"]
     ctx.log.info("shard %d/%d: %d images in %.1f s: %d written, %d reused, %d converted, %d skipped %s",
                  *ctx.shard, handled, mine["seconds"], mine["images_written"] - mine["images_reused"],

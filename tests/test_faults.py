@@ -338,3 +338,36 @@ def test_junk_images_through_fetch_then_resize_are_each_counted(tmp_path):
     assert written == {n.rsplit(".", 1)[0] + ".jpg" for n in good}
     assert (merged["images_in"], merged["images_written"]) == (len(members), len(good))
     assert merged["converted_by_mode"] == {"CMYK": 1, "L": 1}
+
+
+def test_resize_write_failure_names_the_path_and_a_rerun_completes(tmp_path, monkeypatch):
+    """ENOSPC on the third image: one line naming it, no file under a final name that is not whole."""
+    from ctxrepro.data import resize
+    from stages import resize as resize_stage
+
+    d = tmp_path / "data/raw/imagenet/train/n01000000"
+    d.mkdir(parents=True)
+    for k in range(5):
+        (d / f"n01000000_{k}.JPEG").write_bytes(jpeg_bytes(photo(300, 240, k)))
+    params = resize_stage.Params(workers=1, min_pixels=50_000, max_pixels=90_000, patch=48, gap=24,
+                                 splits=("train",))
+    ctx = StageContext(BaseParams(seed=7), "cpu", LOG, root=tmp_path)
+    real, calls = resize.write_atomic, {"n": 0}
+
+    def full_disk(path, data, tmp_dir):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            (Path(tmp_dir) / "half.jpg").write_bytes(data[: len(data) // 2])  # what a failed write leaves
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data, tmp_dir)
+
+    monkeypatch.setattr(resize, "write_atomic", full_disk)
+    with pytest.raises(StageError, match=r"^resize: .*No space left on device: '.*n01000000_2.jpg'$"):
+        resize_stage.run(params, ctx)
+    out = tmp_path / "data/resized/train/n01000000"
+    assert sorted(p.name for p in out.iterdir()) == ["n01000000_0.jpg", "n01000000_1.jpg"]
+    assert all(Image.open(p).size for p in out.iterdir())  # whole JPEGs only
+    assert not (tmp_path / "metrics/resize.json").exists()
+    monkeypatch.undo()
+    resize_stage.run(params, ctx)
+    assert len(list(out.iterdir())) == 5 and not any((tmp_path / "data/resized/.partial").rglob("*.jpg"))
