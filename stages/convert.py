@@ -19,6 +19,7 @@ from ctxrepro.progress import track
 from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.transfer.convert import INITS, CropSet, convert, load_pretext_tower, log_mapping, sample_crops
+from ctxrepro.transfer.imagenet import imagenet_spec, load_imagenet
 from ctxrepro.transfer.rescale import RescaleConfig
 from ctxrepro.transfer.trunk import TrunkSpec, save_checkpoint
 
@@ -56,7 +57,9 @@ class Params:
     calib_tol: float = param(0.01, min=0.0, help="stop when all ratios are within this of their geometric mean (1%)")
     batch: int = param(64, min=1, help="crops per forward pass")
     inits: tuple[str, ...] = param(DEFAULT_INITS, choices=DEFAULT_INITS, help="initialisations to write")
-    imagenet_weights: str = param("", help="ImageNet-supervised tower weights in our layout -> imagenet.pt; '' skips")
+    imagenet_weights: str = param("", help="ImageNet-supervised weights -> imagenet.pt: 'torchvision' (its published "
+                                  "weights, downloaded once), 'torchvision:alexnet|vgg16', or a state dict file in "
+                                  "torchvision's or our tower's layout; '' skips")
 
 
 def list_images(root: Path, source: str) -> list[Path]:
@@ -129,8 +132,9 @@ def _metrics(stats: dict) -> dict:
     return out
 
 
-def plan(params: Params, root: Path, log: logging.Logger) -> tuple[TrunkSpec, dict, dict]:
-    """The network spec (from the pretrain export), {init: tower or None} and {init: provenance}."""
+def plan(params: Params, root: Path, log: logging.Logger) -> tuple[dict, dict, dict]:
+    """{init: network spec}, {init: tower or None} and {init: provenance}; the spec comes from the pretrain
+    export, or from torchvision's network for the ImageNet init."""
     try:
         tower, config = load_pretext_tower(root / PRETRAIN)
     except (OSError, ValueError) as e:
@@ -143,21 +147,32 @@ def plan(params: Params, root: Path, log: logging.Logger) -> tuple[TrunkSpec, di
     if not jobs and not params.imagenet_weights:
         raise StageError("convert: convert.inits is empty and no imagenet_weights given: nothing to write")
     sources = {init: {"path": str(PRETRAIN), "step": config["step"], "config": config} for init in jobs if jobs[init]}
+    specs = {init: spec for init in jobs}
     if params.imagenet_weights:
-        path = Path(params.imagenet_weights)
-        try:
-            jobs["imagenet"], _ = load_pretext_tower(path if path.is_absolute() else root / path, like=config)
-        except (OSError, ValueError) as e:
-            raise StageError(f"convert.imagenet_weights: {e}") from e
-        sources["imagenet"] = {"path": str(path), "step": None, "config": None}
+        jobs["imagenet"], specs["imagenet"], sources["imagenet"] = _imagenet(params.imagenet_weights, spec, config,
+                                                                            root, log)
     else:
         log.info("imagenet.pt skipped: convert.imagenet_weights is empty (weights are never downloaded)")
-    return spec, jobs, sources
+    return specs, jobs, sources
+
+
+def _imagenet(source: str, spec: TrunkSpec, config: dict, root: Path, log: logging.Logger):
+    """(tower, spec, provenance) of convert.imagenet_weights: torchvision's weights, or a state dict file in
+    torchvision's or in our tower's layout."""
+    try:
+        net = load_imagenet(source, config["tower"], root, log)
+        if net is not None:
+            return net.tower, imagenet_spec(net, spec), net.source
+        path = Path(source) if Path(source).is_absolute() else root / source
+        tower, _ = load_pretext_tower(path, like=config)
+    except (OSError, ValueError) as e:
+        raise StageError(f"convert.imagenet_weights: {e}") from e
+    return tower, spec, {"path": source, "step": None, "config": None}
 
 
 def run(params: Params, ctx: StageContext) -> None:
     root, log, seed = ctx.root, ctx.log, ctx.base.seed
-    spec, jobs, sources = plan(params, root, log)
+    specs, jobs, sources = plan(params, root, log)
     crops, bad = make_crops(root, params, seed, log)
     metrics = {"inits": {}, "seconds": {}, "bad_images": len(bad), "fit_crops": len(crops.fit),
                "heldout_crops": len(crops.heldout), "calib_crops": len(crops.calib), "bn_stats": params.bn_stats,
@@ -167,7 +182,7 @@ def run(params: Params, ctx: StageContext) -> None:
             start = time.monotonic()
             index = list(INITS).index(init)
             try:
-                trunk, head, mapping, stats = convert(init, spec, weights, crops, params.bn_stats, params.rms,
+                trunk, head, mapping, stats = convert(init, specs[init], weights, crops, params.bn_stats, params.rms,
                                                       rescale_config(params), derive_seed(seed, CONVERT_SEED, 1, index),
                                                       log, ctx.device)
             except ValueError as e:  # e.g. an input_side too small for conv6 / pool6

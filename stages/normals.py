@@ -15,6 +15,7 @@ from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
 from ctxrepro.metrics.normals import NormalsEvalError
 from ctxrepro.normals.data import GT_SOURCES, ground_truth, load_images, load_train, open_nyu, vocab_path
 from ctxrepro.normals.depth import PlaneFit
+from ctxrepro.normals.grid import cell_grid
 from ctxrepro.normals.model import (KMEANS_SEED, TrainSettings, build_net, kmeans_codebook, load_vocab, predict_coarse,
                                     train_normals, trunk_output)
 from ctxrepro.normals.report import evaluate_and_store, examples_png, table2_markdown
@@ -87,13 +88,18 @@ def _fine_tune(p: Params, ctx: StageContext, nyu, train_idx, gt, gt_name: str, n
     trunk = load_trunk(trunk_path, ctx.device)
     channels, h, w = trunk_output(trunk, p.input_size, ctx.device)
     ctx.log.info("trunk %s: %dx%d input -> %d channels on a %dx%d grid", trunk_path, *p.input_size, channels, h, w)
-    data, sample = load_train(nyu, gt, train_idx, p.input_size, (h, w), p.min_valid, p.kmeans_samples,
+    grid = cell_grid(trunk.layers(), p.input_size, SHAPE_HW)
+    if grid.shape != (h, w):
+        raise ValueError(f"the trunk's layer geometry gives a {grid.shape} grid, its forward pass {(h, w)}")
+    ctx.log.info("cells centred at y = %.1f + %.1f i, x = %.1f + %.1f j frame px (receptive-field centres)",
+                 grid.ys[0], grid.step[0], grid.xs[0], grid.step[1])
+    data, sample = load_train(nyu, gt, train_idx, p.input_size, grid, p.min_valid, p.kmeans_samples,
                               derive_seed(ctx.base.seed, KMEANS_SEED, 0), ctx.log)
     book, book_name = _codebook(p, gt_name, nyu_dir, sample, ctx.base.seed, ctx.log)
     ctx.log.info("targets: %.1f%% of training grid cells have ground truth", 100.0 * data.valid.mean())
     net = build_net(trunk, channels, p.head_channels, len(book), ctx.base.seed)
     stats = train_normals(net, data, book, p.settings(ctx.base.seed), ctx.device, ctx.log)
-    return net, book, {**stats, "codebook": book_name, "grid": (h, w)}
+    return net, book, grid, {**stats, "codebook": book_name, "grid": (h, w)}
 
 
 def run(params: Params, ctx: StageContext) -> None:
@@ -105,11 +111,11 @@ def run(params: Params, ctx: StageContext) -> None:
             gt, gt_name = ground_truth(nyu_dir, params.gt_source, nyu, params.depth_fit)
             ctx.log.info("NYUv2: %d train / %d test images, ground truth from %s", len(train_idx), len(test_idx),
                          gt_name)
-            net, book, stats = _fine_tune(params, ctx, nyu, train_idx, gt, gt_name, nyu_dir)
+            net, book, grid, stats = _fine_tune(params, ctx, nyu, train_idx, gt, gt_name, nyu_dir)
             coarse = predict_coarse(net, load_images(nyu, test_idx, params.input_size, ctx.log), book,
                                     params.eval_batch, ctx.device)
             pred_path = ctx.root / PREDICTIONS / params.init / "predictions.npz"
-            result = evaluate_and_store(coarse, test_idx, gt, nyu.image, SHAPE_HW, pred_path, params.examples)
+            result = evaluate_and_store(coarse, test_idx, gt, nyu.image, grid, pred_path, params.examples)
     except (FileNotFoundError, KeyError, ValueError, NormalsEvalError, FloatingPointError) as e:
         raise StageError(f"normals ({params.init}): {e}") from e
     m = result.metrics
@@ -117,7 +123,9 @@ def run(params: Params, ctx: StageContext) -> None:
                  m["mean"], m["median"], m["rmse"], m["within_11.25"], m["within_22.5"], m["within_30"])
     note = (f"This run: init `{params.init}`, {len(train_idx)} train / {len(test_idx)} test images, ground truth "
             f"`{gt_name}`, codebook `{stats['codebook']}` ({len(book)}), input {params.input_height}x"
-            f"{params.input_width}, grid {stats['grid'][0]}x{stats['grid'][1]}, {params.steps} steps.")
+            f"{params.input_width}, grid {stats['grid'][0]}x{stats['grid'][1]} (cells centred at y = "
+            f"{grid.ys[0]:.1f} + {grid.step[0]:.1f} i, x = {grid.xs[0]:.1f} + {grid.step[1]:.1f} j px of the "
+            f"480x640 frame), {params.steps} steps.")
     with atomic_dir(ctx.root / PLOTS / params.init) as out:
         atomic_write_text(out / "table2.md", table2_markdown([(f"{params.init} (this run)", m)], note))
         examples_png(out / "examples.png", result.examples, f"NYUv2 normals, init {params.init}")

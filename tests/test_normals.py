@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import zipfile
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ctxrepro.normals.data import DepthGroundTruth, FairGroundTruth, coarse_targets, ground_truth, open_nyu
+from ctxrepro.normals.grid import CellGrid
 from ctxrepro.normals.model import (IGNORE, TrainSet, TrainSettings, _batch, assign_codes, build_net, decode,
                                     full_resolution, kmeans_codebook, load_vocab, predict_coarse, train_normals,
                                     trunk_output, upsample_normals)
@@ -91,10 +93,12 @@ def test_load_vocab_reads_the_benchmark_layout(tmp_path):
 
 def test_upsampling_is_bilinear_at_cell_centres_then_renormalised():
     coarse = torch.tensor(np.stack([A, B], axis=-1)[None, :, None, :], dtype=torch.float64)  # (1, 3, 1, 2)
-    up = upsample_normals(coarse, (1, 4))[0, :, 0].numpy().T
-    # output centres map to input x = -0.25, 0.25, 0.75, 1.25 (clamped to 0 and 1)
+    grid = CellGrid(np.array([0.5]), np.array([1.0, 3.0]), (1.0, 2.0), (1, 4))  # cells centred at x = 1 and 3
+    up = upsample_normals(coarse, grid)[0, :, 0].numpy().T
+    # pixel centres x = 0.5, 1.5, 2.5, 3.5 sit at cell positions -0.25, 0.25, 0.75, 1.25 (clamped to 0 and 1)
     np.testing.assert_allclose(up, _unit([A, 0.75 * A + 0.25 * B, 0.25 * A + 0.75 * B, B]), atol=1e-12)
-    stored = full_resolution(np.stack([A, B])[None].astype(np.float32), (2, 4), np.float16)
+    stored = full_resolution(np.stack([A, B])[None].astype(np.float32), replace(grid, ys=np.array([1.0]),
+                                                                                size=(2, 4)), np.float16)
     assert stored.dtype == np.float16 and stored.shape == (2, 4, 3)
     np.testing.assert_allclose(stored[1, 1], up[1], atol=1e-3)
 
@@ -105,22 +109,25 @@ def test_coarse_targets_average_valid_normals_per_cell():
     normals = np.zeros((4, 4, 3), np.float32)
     normals[:, :2], normals[:, 2:] = A, B
     valid = np.ones((4, 4), bool)
-    grid, ok = coarse_targets(normals, valid, (1, 2), min_valid=0.5)
+    halves = CellGrid(np.array([2.0]), np.array([1.0, 3.0]), (4.0, 2.0), (4, 4))  # windows: columns 0-1, 2-3
+    grid, ok = coarse_targets(normals, valid, halves, min_valid=0.5)
     assert ok.all()
     np.testing.assert_allclose(grid[0], [A, B], atol=1e-6)
-    grid, ok = coarse_targets(normals, valid, (1, 1), min_valid=0.5)  # one cell over both halves
+    whole = CellGrid(np.array([2.0]), np.array([2.0]), (4.0, 4.0), (4, 4))  # one cell over both halves
+    grid, ok = coarse_targets(normals, valid, whole, min_valid=0.5)
     np.testing.assert_allclose(grid[0, 0], _unit(A + B), atol=1e-6)
     valid[:, 1:] = False  # left cell: 1 of 2 columns valid (50%), right cell: none
-    grid, ok = coarse_targets(normals, valid, (1, 2), min_valid=0.5)
+    grid, ok = coarse_targets(normals, valid, halves, min_valid=0.5)
     assert ok.tolist() == [[True, False]] and (grid[0, 1] == 0).all()
-    _, ok = coarse_targets(normals, valid, (1, 2), min_valid=0.51)
+    _, ok = coarse_targets(normals, valid, halves, min_valid=0.51)
     assert not ok.any()
 
 
 def test_coarse_targets_drop_cells_whose_normals_cancel():
     normals = np.zeros((2, 2, 3), np.float32)
     normals[:, 0], normals[:, 1] = A, -A
-    _, ok = coarse_targets(normals, np.ones((2, 2), bool), (1, 1), min_valid=0.5)
+    whole = CellGrid(np.array([1.0]), np.array([1.0]), (2.0, 2.0), (2, 2))
+    _, ok = coarse_targets(normals, np.ones((2, 2), bool), whole, min_valid=0.5)
     assert not ok.any()
 
 
@@ -130,7 +137,9 @@ def test_flipped_batches_mirror_images_and_negate_x():
     normals = np.zeros((1, 1, 2, 3), np.float32)
     normals[0, 0, 0] = _unit([0.6, 0.0, -0.8])  # left cell faces right
     normals[0, 0, 1] = [0.0, 0.0, -1.0]
-    data = TrainSet(images, normals, np.ones((1, 1, 2), bool))
+    mirrored = np.zeros_like(normals)  # the targets of the mirrored image, as load_train computes them
+    mirrored[0, 0, 0], mirrored[0, 0, 1] = [0.0, 0.0, -1.0], _unit([-0.6, 0.0, -0.8])
+    data = TrainSet(images, normals, np.ones((1, 1, 2), bool), mirrored, np.ones((1, 1, 2), bool))
     book = torch.tensor(_unit([[0.6, 0.0, -0.8], [-0.6, 0.0, -0.8], [0.0, 0.0, -1.0]]), dtype=torch.float32)
     x, codes = _batch(data, torch.tensor([0]), torch.tensor([False]), book, "cpu")
     assert codes.tolist() == [[[0, 2]]] and x[0, :, :, 0].min() == 255
@@ -272,7 +281,9 @@ def _toy_data(n: int, seed: int) -> tuple[TrainSet, np.ndarray]:
     labels = rng.integers(0, 2, (n, 4, 4))
     colours = np.array([[200, 30, 30], [30, 30, 200]], np.uint8)
     images = np.kron(colours[labels].transpose(0, 3, 1, 2), np.ones((1, 1, 4, 4), np.uint8)).transpose(0, 2, 3, 1)
-    return TrainSet(np.ascontiguousarray(images), book[labels].astype(np.float32), np.ones((n, 4, 4), bool)), book
+    normals, valid = book[labels].astype(np.float32), np.ones((n, 4, 4), bool)
+    mirrored = np.ascontiguousarray(normals[:, :, ::-1] * np.float32([-1, 1, 1]))  # the toy trunk is symmetric
+    return TrainSet(np.ascontiguousarray(images), normals, valid, mirrored, valid.copy()), book
 
 
 def test_training_learns_and_is_deterministic():
@@ -307,7 +318,7 @@ def test_build_net_head_init_depends_only_on_the_seed():
 
 def test_training_refuses_a_grid_mismatch():
     data, book = _toy_data(2, seed=0)
-    bad = TrainSet(data.images, data.normals[:, :2], data.valid[:, :2])
+    bad = TrainSet(data.images, data.normals[:, :2], data.valid[:, :2], data.normals[:, :2], data.valid[:, :2])
     net = build_net(_ToyTrunk(), 8, 4, 2, seed=0)
     with pytest.raises(ValueError, match=r"output grid \(4, 4\) differs"):
         train_normals(net, bad, book, TrainSettings(steps=1, batch=1), "cpu", LOG)

@@ -31,11 +31,10 @@ from ctxrepro.pretext.model import build_model
 from ctxrepro.pretext.sampling import cut_patches
 from ctxrepro.progress import track
 from ctxrepro.seeds import derive_seed, generator
+from ctxrepro.transfer.imagenet import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION, download_state_dict
 
 BACKGROUND = "background"
 NN_SEED, RANDOM_INIT, NN_COLOR = 61, 62, 63  # seed purposes (pretext.data: 1..5, pretext_eval: 51)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet normalisation
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FeatureFn = Callable[[Tensor], Tensor]  # uint8 (P, 3, S, S) on the device -> (P, D) float
 
@@ -151,22 +150,28 @@ def random_network(pre: Pretrained, seed: int) -> Pretrained:
     return Pretrained(model.to(device), pre.patch, pre.net_size, pre.gap, pre.jitter, pre.color, 0)
 
 
-def load_imagenet_alexnet(path: Path, device: str) -> nn.Module:
-    """torchvision's AlexNet with the user's ImageNet weights (a state dict file); nothing is downloaded."""
+def load_imagenet_alexnet(source: Path | str, device: str) -> nn.Module:
+    """torchvision's AlexNet with ImageNet weights: "torchvision" = its published AlexNet_Weights.IMAGENET1K_V1
+    through the weights API (downloaded once into $TORCH_HOME), else a state dict file."""
     from torchvision.models import alexnet
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"ImageNet weights {path} not found (a torchvision AlexNet state dict, e.g. "
-                                f"alexnet-owt-7be5be79.pth); leave nn.imagenet_weights empty to skip")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: cannot be read as a state dict ({e})") from e
+    if str(source) == TORCHVISION:
+        state, _ = download_state_dict("alexnet")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"ImageNet weights {path} not found (a torchvision AlexNet state dict, e.g. "
+                                    f"alexnet-owt-7be5be79.pth, or {TORCHVISION!r}); leave nn.imagenet_weights "
+                                    f"empty to skip")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError) as e:
+            raise ValueError(f"{path}: cannot be read as a state dict ({e})") from e
     model = alexnet(weights=None)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{path}: not a torchvision AlexNet state dict ({e})") from e
+        raise ValueError(f"{source}: not a torchvision AlexNet state dict ({e})") from e
     return model.to(device).eval()
 
 

@@ -6,9 +6,9 @@ Ground truth, from the first source available (the issue's order):
 2. normals computed from the sensor's depth (`rawDepths`) by local plane fitting
    (`ctxrepro.normals.depth`), valid where the sensor measured depth and the fit had enough points.
 
-Training targets live on the trunk's coarse output grid: each grid cell averages the valid ground-truth
-normals of the image region it tiles (area weights), renormalised; a cell is a target only where at least
-`min_valid` of its area has ground truth.
+Training targets live on the trunk's coarse output grid, at the cells' receptive-field centres
+(`ctxrepro.normals.grid`): each cell averages the valid ground-truth normals within one grid step around
+its centre, renormalised; a cell is a target only where at least `min_valid` of that window has ground truth.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 
 from ctxrepro.data.nyu import NyuLabeled, load_normals, read_splits
 from ctxrepro.normals.depth import PlaneFit, normals_from_depth
+from ctxrepro.normals.grid import CellGrid, window_means
 from ctxrepro.normals.model import TrainSet
 from ctxrepro.progress import track
 
@@ -89,18 +90,30 @@ def vocab_path(nyu_dir: Path) -> Path:
     return nyu_dir / VOCAB
 
 
-def coarse_targets(normals: np.ndarray, valid: np.ndarray, size: tuple[int, int],
+def coarse_targets(normals: np.ndarray, valid: np.ndarray, grid: CellGrid,
                    min_valid: float) -> tuple[np.ndarray, np.ndarray]:
-    """(h, w, 3) float32 unit normals and (h, w) bool targets on a coarse grid of `size` = (h, w)."""
-    h, w = size
-    weight = valid.astype(np.float32)
-    total = cv2.resize(normals.astype(np.float32) * weight[..., None], (w, h), interpolation=cv2.INTER_AREA)
-    frac = cv2.resize(weight, (w, h), interpolation=cv2.INTER_AREA)
+    """(h, w, 3) float32 unit normals and (h, w) bool targets: each cell's mean valid normal over one grid
+    step around its receptive-field centre (`grid`), renormalised; a target where at least `min_valid` of
+    that window has ground truth."""
+    if normals.shape[:2] != grid.size or valid.shape != grid.size:
+        raise ValueError(f"ground truth of shape {normals.shape[:2]}, but the grid is placed in a {grid.size} frame")
+    weight = valid.astype(np.float64)[..., None]
+    sums, area = window_means(np.concatenate([normals * weight, weight], axis=-1), grid)
+    total, count = sums[..., :3], sums[..., 3]
     norm = np.linalg.norm(total, axis=-1)
     # a cell whose valid normals cancel out (a thin edge between opposite faces) has no usable mean
-    ok = (frac >= min_valid) & (norm > 1e-3 * np.maximum(frac, 1e-12))
+    ok = (area > 0) & (count >= min_valid * area) & (count > 0) & (norm > 1e-3 * count)
     out = np.where(ok[..., None], total / np.maximum(norm, 1e-12)[..., None], 0.0).astype(np.float32)
     return out, ok
+
+
+MIRROR = np.array([-1.0, 1.0, 1.0], np.float32)  # mirroring an image negates x of every normal
+
+
+def mirrored_targets(normals: np.ndarray, valid: np.ndarray, grid: CellGrid,
+                     min_valid: float) -> tuple[np.ndarray, np.ndarray]:
+    """`coarse_targets` of the horizontally mirrored frame (what a flipped training image's cells see)."""
+    return coarse_targets(normals[:, ::-1] * MIRROR, valid[:, ::-1], grid, min_valid)
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -109,23 +122,25 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def load_train(nyu: NyuLabeled, gt: GroundTruth, indices: np.ndarray, input_size: tuple[int, int],
-               grid: tuple[int, int], min_valid: float, samples_per_image: int, seed: int,
+               grid: CellGrid, min_valid: float, samples_per_image: int, seed: int,
                log: logging.Logger) -> tuple[TrainSet, np.ndarray]:
-    """The training set at the input size with coarse targets, and a sample of valid full-resolution
-    normals (up to `samples_per_image` per image, drawn from `seed`) for the k-means codebook."""
+    """The training set at the input size with coarse targets (and those of the mirrored images), and a
+    sample of valid full-resolution normals (up to `samples_per_image` per image, drawn from `seed`) for
+    the k-means codebook."""
     n = len(indices)
     images = np.zeros((n, *input_size, 3), np.uint8)
-    normals = np.zeros((n, *grid, 3), np.float32)
-    valid = np.zeros((n, *grid), bool)
+    normals, mirrored = np.zeros((2, n, *grid.shape, 3), np.float32)
+    valid, mirrored_valid = np.zeros((2, n, *grid.shape), bool)
     rng = np.random.default_rng(seed)
     samples = []
     for k, i in enumerate(track(indices, desc="normals: training images", unit="img", log=log)):
         images[k] = resize_image(nyu.image(int(i)), input_size)
         full, ok = gt(int(i))
         normals[k], valid[k] = coarse_targets(full, ok, grid, min_valid)
+        mirrored[k], mirrored_valid[k] = mirrored_targets(full, ok, grid, min_valid)
         pix = full[ok]
         samples.append(pix[rng.choice(len(pix), size=min(len(pix), samples_per_image), replace=False)])
-    return TrainSet(images, normals, valid), np.concatenate(samples).astype(np.float64)
+    return TrainSet(images, normals, valid, mirrored, mirrored_valid), np.concatenate(samples).astype(np.float64)
 
 
 def load_images(nyu: NyuLabeled, indices: np.ndarray, input_size: tuple[int, int],

@@ -8,8 +8,9 @@ the FAIR self-supervision benchmark's release of that protocol (METHOD.md "Trans
   classifies every cell of the trunk's coarse output grid into a codeword (cross-entropy; cells without
   enough ground truth are ignored);
 - decoding: the probability-weighted mean of the codewords, renormalised (`decode`);
-- evaluation at 480 x 640: the coarse normals are upsampled bilinearly and renormalised
-  (`upsample_normals`), then scored by `ctxrepro.metrics.normals`.
+- targets and predictions live at the cells' receptive-field centres (`ctxrepro.normals.grid`);
+- evaluation at 480 x 640: the coarse normals are interpolated bilinearly between those centres and
+  renormalised (`upsample_normals`), then scored by `ctxrepro.metrics.normals`.
 
 Normals live in the camera frame of the ground truth (x right, y down, z forward for the tiny world and for
 normals computed from depth); a horizontal flip of the image negates x.
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctxrepro.normals.grid import CellGrid, interpolation_matrix
 from ctxrepro.pretext.model import xavier_init_
 from ctxrepro.seeds import derive_seed
 
@@ -96,9 +98,14 @@ def decode(probs: Tensor, codebook: Tensor) -> Tensor:
     return torch.where(norm > 1e-6, mean / norm.clamp_min(1e-12), best)
 
 
-def upsample_normals(normals: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, 3, h, w) -> (B, 3, H, W): bilinear (cell centres, align_corners=False), renormalised."""
-    up = F.interpolate(normals, size=size, mode="bilinear", align_corners=False)
+def upsample_normals(normals: Tensor, grid: CellGrid) -> Tensor:
+    """(B, 3, h, w) -> (B, 3, H, W) at `grid.size`: bilinear between the cells' receptive-field centres
+    (`ctxrepro.normals.grid`; the nearest cell beyond the outermost centres), renormalised."""
+    if tuple(normals.shape[2:]) != grid.shape:
+        raise ValueError(f"coarse normals of grid {tuple(normals.shape[2:])}, but the trunk's grid is {grid.shape}")
+    my = interpolation_matrix(grid.ys, grid.size[0]).to(normals)
+    mx = interpolation_matrix(grid.xs, grid.size[1]).to(normals)
+    up = torch.einsum("yi,bcij,xj->bcyx", my, normals, mx)
     return up / up.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -159,11 +166,15 @@ class TrainSettings:
 @dataclass(frozen=True)
 class TrainSet:
     """Training arrays: uint8 images (N, H, W, 3) at the input size, coarse targets (N, h, w, 3) float32
-    unit normals with their valid mask (N, h, w) at the trunk's output grid."""
+    unit normals with their valid mask (N, h, w) at the trunk's output grid, and the targets of the
+    mirrored images (`mirrored_*`): the cells are not placed symmetrically in the frame, so a mirrored
+    image's cells see other pixels than the mirrored grid of the original's."""
 
     images: np.ndarray
     normals: np.ndarray
     valid: np.ndarray
+    mirrored_normals: np.ndarray
+    mirrored_valid: np.ndarray
 
 
 def _optimizer(net: NormalsNet, s: TrainSettings) -> torch.optim.Optimizer:
@@ -177,16 +188,16 @@ def _optimizer(net: NormalsNet, s: TrainSettings) -> torch.optim.Optimizer:
 
 
 def _batch(data: TrainSet, idx: Tensor, flips: Tensor, codebook: Tensor, device: str) -> tuple[Tensor, Tensor]:
-    """Images (B, 3, H, W) float 0..255 and target codes (B, h, w), flipped where `flips`."""
+    """Images (B, 3, H, W) float 0..255 and target codes (B, h, w); mirrored images, with the targets of
+    mirrored images, where `flips`."""
     i = idx.numpy()
     x = torch.from_numpy(data.images[i]).to(device).permute(0, 3, 1, 2).float()
-    n = torch.from_numpy(data.normals[i]).to(device)
-    v = torch.from_numpy(data.valid[i]).to(device)
     f = flips.to(device)
     x = torch.where(f[:, None, None, None], x.flip(3), x)
-    sign = torch.tensor([-1.0, 1.0, 1.0], device=device)  # mirroring the image negates x of every normal
-    n = torch.where(f[:, None, None, None], n.flip(2) * sign, n)
-    v = torch.where(f[:, None, None], v.flip(2), v)
+    n = torch.where(f[:, None, None, None], torch.from_numpy(data.mirrored_normals[i]).to(device),
+                    torch.from_numpy(data.normals[i]).to(device))
+    v = torch.where(f[:, None, None], torch.from_numpy(data.mirrored_valid[i]).to(device),
+                    torch.from_numpy(data.valid[i]).to(device))
     return x, assign_codes(n, v, codebook)
 
 
@@ -245,7 +256,7 @@ def predict_coarse(net: NormalsNet, images: np.ndarray, codebook: np.ndarray, ba
     return np.concatenate(out).astype(np.float32)
 
 
-def full_resolution(coarse: np.ndarray, size: tuple[int, int], dtype=np.float16) -> np.ndarray:
-    """One image's coarse (h, w, 3) normals upsampled to (H, W, 3) and renormalised, as stored (`dtype`)."""
+def full_resolution(coarse: np.ndarray, grid: CellGrid, dtype=np.float16) -> np.ndarray:
+    """One image's coarse (h, w, 3) normals upsampled to the frame (H, W, 3) and renormalised, as stored."""
     t = torch.from_numpy(np.ascontiguousarray(coarse, dtype=np.float32)).permute(2, 0, 1)[None]
-    return upsample_normals(t, size)[0].permute(1, 2, 0).numpy().astype(dtype)
+    return upsample_normals(t, grid)[0].permute(1, 2, 0).numpy().astype(dtype)

@@ -23,6 +23,7 @@ import numpy as np
 
 from ctxrepro.metrics.normals import angular_errors, pooled_metrics_spilled
 from ctxrepro.normals.data import GroundTruth
+from ctxrepro.normals.grid import CellGrid
 from ctxrepro.normals.model import full_resolution
 from ctxrepro.normals.table import PAPER_TABLE2
 from ctxrepro.normals.table import TABLE2_COLUMNS as TABLE_KEYS
@@ -86,10 +87,11 @@ class Evaluation:
 
 
 def evaluate_and_store(coarse: np.ndarray, indices: np.ndarray, gt: GroundTruth,
-                       image_of: Callable[[int], np.ndarray], size: tuple[int, int], pred_path: Path,
+                       image_of: Callable[[int], np.ndarray], grid: CellGrid, pred_path: Path,
                        n_examples: int) -> Evaluation:
-    """Upsample each test prediction to `size`, store it (float16), and score exactly the stored values
-    against the ground truth, pooled over all valid pixels (one pass over the ground truth)."""
+    """Upsample each test prediction to the frame from its cells' centres (`grid`), store it (float16), and
+    score exactly the stored values against the ground truth, pooled over all valid pixels (one pass)."""
+    size = grid.size
     examples: list[Example] = []
     pred_path.parent.mkdir(parents=True, exist_ok=True)  # the errors spill there before the first image
 
@@ -97,7 +99,7 @@ def evaluate_and_store(coarse: np.ndarray, indices: np.ndarray, gt: GroundTruth,
         extras = {"index": np.asarray(indices, dtype=np.int64)}
         with npz_writer(pred_path, "normals", (len(indices), *size, 3), np.float16, extras) as write_rows:
             for k, i in enumerate(indices):
-                pred = full_resolution(coarse[k], size, np.float16)
+                pred = full_resolution(coarse[k], grid, np.float16)
                 write_rows(pred[None])
                 normals, valid = gt(int(i))
                 if k < n_examples:

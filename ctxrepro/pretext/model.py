@@ -12,6 +12,11 @@ Layer names (the converter maps Caffe/our weights by them; state_dict keys are
   "small" replaces norm1/norm2 by bn1/bn2 placed after conv1/conv2, see `small_layers`).
 - "vgg16" tower: conv{b}_{i} bn{b}_{i} relu{b}_{i} for blocks b=1..5, pool1..pool5, flatten,
   fc6 bn6 relu6.
+- "tv_alexnet" / "tv_vgg16": torchvision's ImageNet-supervised architectures under the same names, with
+  no batch norm and floor-mode pools, so torchvision's published weights load into them exactly
+  (`ctxrepro.transfer.imagenet`). torchvision's AlexNet is the one-column variant of "One weird trick"
+  (Krizhevsky 2014): 64-192-384-256-256 channels, conv1 padded by 2, no LRN. Not pretext towers of
+  the paper; they exist for its ImageNet rows.
 - head: fc7 bn7 relu7 fc8 relu8 fc9.
 Batch norm is always without affine (section 3: with scale and shift the net can silence its
 activations and sit in the uniform-prediction saddle). Pools round up (Caffe's ceil mode), so a
@@ -29,8 +34,9 @@ from torch import Tensor, nn
 
 ALEXNET_CHANNELS = (96, 256, 384, 384, 256)  # Figure 3 / released code (conv2 256, group 1)
 VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
-DEFAULT_FC = {"alexnet": 4096, "vgg16": 4096, "small": 256}
-DEFAULT_WIDTH = {"alexnet": 96, "vgg16": 64, "small": 16}
+TV_ALEXNET_CHANNELS = (64, 192, 384, 256, 256)  # torchvision.models.alexnet (one column, no LRN)
+DEFAULT_FC = {"alexnet": 4096, "vgg16": 4096, "small": 256, "tv_alexnet": 4096, "tv_vgg16": 4096}
+DEFAULT_WIDTH = {"alexnet": 96, "vgg16": 64, "small": 16, "tv_alexnet": 64, "tv_vgg16": 64}
 
 
 def _conv_block(name: str, cin: int, cout: int, k: int, stride: int = 1, pad: int = 0,
@@ -42,8 +48,8 @@ def _conv_block(name: str, cin: int, cout: int, k: int, stride: int = 1, pad: in
     return layers
 
 
-def _pool(name: str, k: int = 3, s: int = 2) -> tuple[str, nn.Module]:
-    return f"pool{name}", nn.MaxPool2d(k, s, ceil_mode=True)
+def _pool(name: str, k: int = 3, s: int = 2, ceil: bool = True) -> tuple[str, nn.Module]:
+    return f"pool{name}", nn.MaxPool2d(k, s, ceil_mode=ceil)
 
 
 def _lrn(name: str) -> tuple[str, nn.Module]:
@@ -80,22 +86,45 @@ def small_layers(width: int = 16) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def vgg16_layers(width: int = 64) -> list[tuple[str, nn.Module]]:
-    """VGG-16 conv stack (the paper's VGG rows, section 4.3) with affine-free BN after each conv."""
+def _vgg_layers(width: int, bn: bool, ceil: bool) -> list[tuple[str, nn.Module]]:
     layers: list[tuple[str, nn.Module]] = []
     cin = 3
     for b, block in enumerate(VGG16_BLOCKS, start=1):
         for i, c in enumerate(block, start=1):
             cout = max(1, round(c * width / 64))
-            layers += _conv_block(f"{b}_{i}", cin, cout, 3, pad=1, bn=True)
+            layers += _conv_block(f"{b}_{i}", cin, cout, 3, pad=1, bn=bn)
             cin = cout
-        layers.append(_pool(str(b), k=2, s=2))
+        layers.append(_pool(str(b), k=2, s=2, ceil=ceil))
     return layers
+
+
+def vgg16_layers(width: int = 64) -> list[tuple[str, nn.Module]]:
+    """VGG-16 conv stack (the paper's VGG rows, section 4.3) with affine-free BN after each conv."""
+    return _vgg_layers(width, bn=True, ceil=True)
+
+
+def tv_vgg16_layers(width: int = 64) -> list[tuple[str, nn.Module]]:
+    """torchvision's VGG-16 `features`: no BN, floor-mode pools (ImageNet-supervised weights)."""
+    return _vgg_layers(width, bn=False, ceil=False)
+
+
+def tv_alexnet_layers(width: int = 64) -> list[tuple[str, nn.Module]]:
+    """torchvision's AlexNet `features` (one column, 64-192-384-256-256, no LRN, floor-mode pools):
+    the network of torchvision's ImageNet weights, which are not CaffeNet's (96-256-384-384-256, LRN)."""
+    c1, c2, c3, c4, c5 = (max(1, round(c * width / 64)) for c in TV_ALEXNET_CHANNELS)
+    return [
+        *_conv_block("1", 3, c1, 11, stride=4, pad=2), _pool("1", ceil=False),
+        *_conv_block("2", c1, c2, 5, pad=2), _pool("2", ceil=False),
+        *_conv_block("3", c2, c3, 3, pad=1), *_conv_block("4", c3, c4, 3, pad=1),
+        *_conv_block("5", c4, c5, 3, pad=1), _pool("5", ceil=False),
+    ]
 
 
 TOWERS: dict[str, Callable[[int], list[tuple[str, nn.Module]]]] = {
     "alexnet": alexnet_layers, "small": small_layers, "vgg16": vgg16_layers,
+    "tv_alexnet": tv_alexnet_layers, "tv_vgg16": tv_vgg16_layers,
 }
+TORCHVISION_TOWERS = ("tv_alexnet", "tv_vgg16")  # no batch norm anywhere, as torchvision's networks
 
 
 def _out_side(side: int, m: nn.Module) -> int:
@@ -126,7 +155,8 @@ def conv_output(layers: list[tuple[str, nn.Module]], patch: int) -> tuple[int, i
 
 def build_tower(name: str, patch: int = 96, width: int | None = None,
                 fc_dim: int | None = None) -> nn.Sequential:
-    """Per-patch tower conv1..pool5 -> fc6 -> BN (no affine) -> ReLU (Figure 3).
+    """Per-patch tower conv1..pool5 -> fc6 -> BN (no affine) -> ReLU (Figure 3); torchvision's towers
+    have no BN there either.
 
     width: channel scale (None = the variant's default: alexnet 96, vgg16 64, small 16);
     fc_dim: fc6 size (None = 4096 for alexnet/vgg16, 256 for small).
@@ -138,8 +168,10 @@ def build_tower(name: str, patch: int = 96, width: int | None = None,
     if side < 1:
         raise ValueError(f"build_tower: a {patch}px patch is too small for the {name} tower")
     dim = DEFAULT_FC[name] if fc_dim is None else fc_dim
-    layers += [("flatten", nn.Flatten(1)), ("fc6", nn.Linear(channels * side * side, dim)),
-               ("bn6", nn.BatchNorm1d(dim, affine=False)), ("relu6", nn.ReLU(inplace=True))]
+    layers += [("flatten", nn.Flatten(1)), ("fc6", nn.Linear(channels * side * side, dim))]
+    if name not in TORCHVISION_TOWERS:
+        layers.append(("bn6", nn.BatchNorm1d(dim, affine=False)))
+    layers.append(("relu6", nn.ReLU(inplace=True)))
     return nn.Sequential(OrderedDict(layers))
 
 

@@ -25,6 +25,11 @@ STAGES = ("fetch", "resize", "pretrain", "convert", "proposals", "detect", "norm
           "nn", "aberration")
 DATASETS = {"imagenet": "ImageNet", "voc2007": "VOC 2007", "voc2011": "VOC 2011", "nyuv2": "NYUv2"}
 NOT_RUN = "not run"
+# transfer/imagenet.py: the ImageNet rows start from torchvision's published weights, not the paper's CaffeNet
+IMAGENET_NOTE = ("ImageNet rows (init `imagenet`) start from torchvision's published ImageNet weights "
+                 "(AlexNet_Weights.IMAGENET1K_V1, VGG16_Weights.IMAGENET1K_V1). torchvision's AlexNet is the "
+                 "one-column variant (64-192-384-256-256, no LRN), not the paper's CaffeNet (96-256-384-384-256, "
+                 "LRN, two groups): its rows compare with the paper's only approximately. Its VGG-16 is the paper's.")
 DASH = "–"
 
 
@@ -209,7 +214,7 @@ def table1(run: RunData) -> list[str]:
     lines += ["", "Our mAP averages the classes we evaluated (column 'our classes'); the paper's averages all 20. "
               "Per class:", ""]
     lines += _table1_per_class(run, inits)
-    return lines
+    return lines + ["", IMAGENET_NOTE]
 
 
 def _table1_per_class(run: RunData, inits: list[str]) -> list[str]:
@@ -253,7 +258,7 @@ def table2(run: RunData) -> list[str]:
             rows.append((f"`{init}` (ours, no paper row)", *(fixed(m.get(k)) for k in keys)))
     head = ("NYUv2", "mean (°, lower better)", "median (°)", "≤11.25° (%)", "≤22.5° (%)", "≤30° (%)",
             "RMSE (°)")
-    return lines + md_table(head, rows)
+    return lines + md_table(head, rows) + ["", IMAGENET_NOTE]
 
 
 # --- section 4.6 ----------------------------------------------------------------------------------------------

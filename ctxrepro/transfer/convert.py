@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ctxrepro.pretext.color import projection_matrix
 from ctxrepro.pretext.model import build_tower
+from ctxrepro.transfer.imagenet import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION
 from ctxrepro.transfer.rescale import (WEIGHT_TYPES, Layers, RescaleConfig, batches, calibrate, channel_moments,
                                        moment_summary, weight_indices, within_layer_init)
 from ctxrepro.transfer.trunk import TOWER_PREFIX, Head, Trunk, TrunkSpec, build_trunk, fc_to_conv, figure6_layers
@@ -101,8 +102,14 @@ def fold_batchnorms(trunk: Trunk, folds: list[tuple[str, nn.Module]], stats: str
 @torch.no_grad()
 def set_input_norm(trunk: Trunk, images: Tensor, rms: float, batch: int = 64) -> None:
     """Dataset-wide mean, the spec's colour matrix, and the scale that gives `rms` over `images`
-    (the pretext patches were scaled to RMS 50 each, section 3 / METHOD.md)."""
+    (the pretext patches were scaled to RMS 50 each, section 3 / METHOD.md). torchvision's networks get
+    the normalisation they were trained with instead: (x / 255 - mean) / std."""
     norm = trunk.input
+    if trunk.spec.color == TORCHVISION:
+        norm.mean.copy_(torch.tensor(IMAGENET_MEAN) * 255.0)
+        norm.color.copy_(torch.diag(1.0 / (torch.tensor(IMAGENET_STD) * 255.0)))
+        norm.scale.fill_(1.0)
+        return
     dev = norm.mean.device
     total = sum(xb.to(dev).double().sum(dim=(0, 2, 3)) for xb in batches(images, batch))
     norm.mean.copy_((total / (images.numel() / 3)).float())

@@ -44,13 +44,13 @@ class TrunkSpec:
     fc7: int = 4096  # Figure 6
     classes: int = 21  # 20 VOC classes + background
     input_side: int = 227  # Figure 6: 227 px -> pool5 7x7
-    color: str = "none"  # "projection": the input layer applies section 3.1's projection B
+    color: str = "none"  # "projection": section 3.1's projection B; "torchvision": ImageNet mean/std (imagenet.py)
 
     def __post_init__(self) -> None:
         if self.tower not in TOWERS:
             raise ValueError(f"TrunkSpec.tower={self.tower!r}: choose one of {sorted(TOWERS)}")
-        if self.color not in ("none", "projection"):
-            raise ValueError(f"TrunkSpec.color={self.color!r}: 'none' or 'projection'")
+        if self.color not in ("none", "projection", "torchvision"):
+            raise ValueError(f"TrunkSpec.color={self.color!r}: 'none', 'projection' or 'torchvision'")
 
 
 class InputNorm(nn.Module):
