@@ -68,7 +68,7 @@ class SoftmaxHead:
         return ((x - self.mean) / self.std) @ self.weight.T + self.bias
 
 
-def _rows(features: np.ndarray, view: int, index: np.ndarray, device: str) -> Tensor:
+def _rows(features: np.ndarray, view: int, index: np.ndarray, device: str) -> tuple[Tensor, np.ndarray]:
     order = np.sort(index)  # memmaps read sorted rows fastest; the batch's order does not matter to SGD
     return torch.from_numpy(np.asarray(features[view, order], dtype=np.float32)).to(device), order
 

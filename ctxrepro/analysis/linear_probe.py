@@ -87,9 +87,9 @@ class LayerTaps(nn.Module):
         if "fc6" in layers:
             channels, side = conv_output(list(tower.named_children())[:names.index("flatten")], net_size)
             self.fc6, self.bn6 = fc_to_conv(tower.fc6, channels, side), tower.bn6
-        self.grids = {name: grid_side(c, s, dims) for name, (c, s) in self._shapes(input_side).items()}
         self.requires_grad_(False)
-        self.eval()
+        self.eval()  # before the dry run below: in train mode it would move batch norm's running statistics
+        self.grids = {name: grid_side(c, s, dims) for name, (c, s) in self.shapes(input_side).items()}
 
     def train(self, mode: bool = True) -> "LayerTaps":
         return super().train(False)  # frozen: batch norm always uses the pretext's running statistics
@@ -108,7 +108,8 @@ class LayerTaps(nn.Module):
             out["fc6"] = F.relu(y)
         return out
 
-    def _shapes(self, input_side: int) -> dict[str, tuple[int, int]]:
+    def shapes(self, input_side: int) -> dict[str, tuple[int, int]]:
+        """(channels, side) of each tapped map at `input_side` px, before pooling."""
         with torch.no_grad():
             maps = self._maps(torch.zeros(1, 3, input_side, input_side))
         return {k: (v.shape[1], v.shape[-1]) for k, v in maps.items()}
@@ -119,7 +120,7 @@ class LayerTaps(nn.Module):
 
 def layer_dims(taps: LayerTaps, input_side: int) -> dict[str, int]:
     """Feature size of each layer at `input_side` px."""
-    return {k: c * taps.grids[k] ** 2 for k, (c, _) in taps._shapes(input_side).items()}
+    return {k: c * taps.grids[k] ** 2 for k, (c, _) in taps.shapes(input_side).items()}
 
 
 @dataclass(frozen=True)
