@@ -23,7 +23,7 @@ from ctxrepro.container import run_stage_in_container
 
 # Pipeline order; one name everywhere: dvc.yaml stage, params section, CLI command, metrics file, module.
 STAGE_ORDER = ("fetch", "resize", "pretrain", "convert", "proposals", "detect", "normals", "mine", "pretext_eval", "nn",
-               "aberration", "report")
+               "aberration", "linear_probe", "report")
 
 
 class StageError(RuntimeError):

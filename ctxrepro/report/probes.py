@@ -1,0 +1,74 @@
+"""REPORT.md's "Linear probes" section: the `linear_probe` stage's per-layer numbers, networks as rows, layers as
+columns, with the published numbers for this paper's network where a later publication printed them.
+
+The paper (2015) has no linear probes. Zhang, Isola, Efros (CVPR 2017, split-brain autoencoders) Table 2 gives
+ImageNet linear top-1 from conv1..conv5 of Doersch et al.'s network (frozen, features resized to ~9k dims);
+no fc6 value is printed there. Goyal et al. (ICCV 2019) do not evaluate Doersch et al.'s network, so the VOC07
+SVM column has no published value for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ctxrepro.report.tables import DASH, NOT_RUN, RunData, md_table, pct, tiny_world
+
+METRICS = Path("metrics/linear_probe")
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6")
+ORDER = ("color_dropping", "projection", "vgg16", "imagenet", "random")
+NOT_PUBLISHED = "not published"
+# Zhang, Isola, Efros 2017, Table 2 ("Task Generalization on ImageNet Classification"), row "Doersch et al. [8]".
+ZHANG_2017_TABLE2 = {"conv1": 16.2, "conv2": 23.3, "conv3": 30.2, "conv4": 31.7, "conv5": 29.6}
+
+
+def read_probes(root: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """{network: metrics} from metrics/linear_probe/*.json, and {file: why} for files that cannot be read."""
+    found, bad = {}, {}
+    folder = root / METRICS
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            bad[str(path.relative_to(root))] = f"unreadable: {e}"
+            continue
+        if isinstance(data, dict):
+            found[path.stem] = data
+        else:
+            bad[str(path.relative_to(root))] = "unreadable: not a JSON object"
+    order = sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    return {n: found[n] for n in order}, bad
+
+
+def _row(label: str, values: dict | None) -> list[str]:
+    values = values if isinstance(values, dict) else {}
+    return [label] + [pct(values.get(layer)) if layer in values else DASH for layer in LAYERS]
+
+
+def probes_section(root: Path, run: RunData) -> list[str]:
+    """The "Linear probes" section of REPORT.md."""
+    probes, bad = read_probes(root)
+    lines = ["## Linear probes (frozen features; not in the paper)", "",
+             "Linear classifiers on each layer's frozen features, average-pooled to about 9,000 dimensions "
+             "(`linear_probe` stage): ImageNet top-1 of a softmax layer trained with SGD (Zhang et al. 2016/2017), "
+             "and VOC07 classification mAP of per-class linear SVMs, cost by 3-fold cross-validation "
+             "(Goyal et al. 2019). Numbers in %."]
+    if tiny_world(run, ("imagenet", "voc2007")):
+        lines += ["", "> **Tiny world**: the 8 world classes of the tiny ImageNet and VOC07, a scaled-down protocol "
+                      "(`linear_probe.profile_note`); these numbers cannot be compared with the published ones."]
+    head = ["network", *LAYERS]
+    imagenet = [_row(n, m.get("imagenet_top1")) for n, m in probes.items()]
+    imagenet.append(["Doersch et al., published (Zhang et al. 2017, Table 2)",
+                     *[f"{ZHANG_2017_TABLE2[k]:.1f}" if k in ZHANG_2017_TABLE2 else NOT_PUBLISHED for k in LAYERS]])
+    voc = [_row(n, m.get("voc07_map")) for n, m in probes.items()]
+    voc.append(["Doersch et al., published", *[NOT_PUBLISHED] * len(LAYERS)])
+    lines += ["", "ImageNet linear top-1:", ""] + md_table(head, imagenet)
+    lines += ["", "VOC07 classification mAP (linear SVMs; VOC07 11-point AP):", ""] + md_table(head, voc)
+    if not probes:
+        lines += ["", f"Our rows: {NOT_RUN} (no metrics/linear_probe/*.json)."]
+    speed = [f"{n} {m['features_per_second']:.0f}" for n, m in probes.items()
+             if isinstance(m.get("features_per_second"), (int, float))]
+    if speed:
+        lines += ["", "Feature extraction, images/s: " + ", ".join(speed) + "."]
+    lines += [f"- {name}: {why}" for name, why in sorted(bad.items())]
+    return lines

@@ -1,0 +1,31 @@
+"""REPORT.md's "Linear probes" section (ctxrepro.report.probes): our rows from the stage's metrics, published row."""
+
+from __future__ import annotations
+
+import json
+
+from ctxrepro.report.probes import probes_section
+from ctxrepro.report.tables import RunData
+
+
+def test_probe_table_rows_and_published_numbers(tmp_path):
+    folder = tmp_path / "metrics" / "linear_probe"
+    folder.mkdir(parents=True)
+    layers = {"conv1": 0.25, "conv2": 0.5, "conv3": 0.125, "conv4": 0.0, "conv5": 1.0, "fc6": 0.75}
+    (folder / "random.json").write_text(json.dumps({"imagenet_top1": layers, "voc07_map": {"conv1": 0.5},
+                                                    "features_per_second": 12.0}))
+    (folder / "color_dropping.json").write_text(json.dumps({"imagenet_top1": layers, "voc07_map": layers}))
+    (folder / "broken.json").write_text("{")
+    lines = probes_section(tmp_path, RunData({}, {}, "tiny", "abc"))
+    text = "\n".join(lines)
+    assert "| color_dropping | 25.0 | 50.0 | 12.5 | 0.0 | 100.0 | 75.0 |" in text
+    assert text.index("| color_dropping |") < text.index("| random |")  # pretext variants first
+    assert "| random | 50.0 | – | – | – | – | – |" in text  # VOC row: only conv1 was measured
+    assert "| 16.2 | 23.3 | 30.2 | 31.7 | 29.6 | not published |" in text  # Zhang et al. 2017, Table 2
+    assert "Tiny world" in text and "random 12" in text
+    assert "metrics/linear_probe/broken.json: unreadable" in text
+
+
+def test_probe_table_without_runs_keeps_the_published_row(tmp_path):
+    text = "\n".join(probes_section(tmp_path, RunData({}, {}, "paper", "abc")))
+    assert "not run" in text and "16.2" in text and "Tiny world" not in text
