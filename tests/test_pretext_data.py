@@ -85,6 +85,32 @@ def test_manifest_errors_name_the_file(tmp_path):
         read_manifest(bad, "train")
 
 
+def test_streamed_table_equals_the_row_by_row_reading(tmp_path):
+    """load_table streams into arrays; it must give what sorting read_manifest's rows by hand gives, with
+    splits interleaved, unsorted rows, non-ASCII names, unknown sources and a column order of its own."""
+    rng = np.random.default_rng(3)
+    rows = [{"split": ["train", "val"][k % 2], "path": f"train/{'é' if k % 5 == 0 else 'n'}{rng.integers(1e6)}_{k}.JPEG",
+             "source": f"world/{['photo', 'procedural', 'x'][k % 3]}/{k}.JPEG", "orig_width": "9",
+             "orig_height": "9", "width": str(100 + k), "height": str(300 - k)} for k in range(60)]
+    cols = ["height", "source", "path", "split", "orig_width", "width", "orig_height"]
+    path = tmp_path / "manifest.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, cols)
+        writer.writeheader()
+        writer.writerows(rows)
+    kinds = {r["source"]: r["source"].split("/")[1] for r in rows if "/x/" not in r["source"]}
+    t = load_table(path, "train", kinds)
+    expected = read_manifest(path, "train")
+    assert [p.decode() for p in t.paths] == [r["path"] for r in expected]
+    assert t.heights.tolist() == [int(r["height"]) for r in expected]
+    assert t.widths.tolist() == [int(r["width"]) for r in expected]
+    assert t.group_names == ("photo", "procedural", "unknown")
+    assert [t.group_names[g] for g in t.groups] == [kinds.get(r["source"], "unknown") for r in expected]
+    path.write_text("split,path,source,orig_width,orig_height,width,height\ntrain,a.jpg,s,1,1,x,2\n")
+    with pytest.raises(ValueError, match=r"manifest.csv:2: a width/height is not an integer"):
+        load_table(path, "train")
+
+
 def test_usable_drops_and_counts_images_too_small_for_a_grid(manifest):
     full = load_table(manifest, "train")
     kept, small = usable(full, SPEC)
