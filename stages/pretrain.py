@@ -42,7 +42,7 @@ class Params:
     downsample_prob: float = param(0.33, min=0.0, max=1.0, help="random downsampling probability (0.33)")
     optimizer: str = param("sgd", choices=("sgd", "adam"), help="sgd = paper")
     lr: float = param(1e-5, min=0.0, help="learning rate (released solver: 1e-5)")
-    momentum: float = param(0.999, min=0.0, max=0.9999, help="SGD momentum (section 3: 0.999)")
+    momentum: float = param(0.0, min=0.0, max=0.9999, help="SGD momentum (released solver: 0)")
     weight_decay: float = param(0.0, min=0.0, help="weight decay (released solver: 0)")
     loss: str = param("sum", choices=("sum", "mean"), help="cross-entropy over pairs (released: sum)")
     clip_grad: float = param(0.0, min=0.0, help="max gradient norm; 0 = off")
@@ -50,6 +50,8 @@ class Params:
     max_seconds: float = param(0.0, min=0.0, help="training time budget over all resumes; 0 = none")
     checkpoint_every: int = param(1000, min=1, help="steps between checkpoints")
     log_every: int = param(100, min=1, help="steps between log rows (dvclive, console)")
+    min_live_fraction: float = param(0.02, min=0.0, max=1.0,
+                                     help="stop when fc6/fc7/fc8 live ReLU share falls below; 0 = off")
     nproc: int = param(1, min=1, max=64, help="processes to spawn (ignored under torchrun)")
     amp: str = param("bf16", choices=("none", "bf16", "fp16"), help="autocast dtype on CUDA")
     channels_last: bool = param(True, help="channels_last memory format on CUDA")
@@ -67,7 +69,7 @@ def train_config(p: Params, seed: int) -> TrainConfig:
         optim=OptimConfig(p.optimizer, p.lr, p.momentum, p.weight_decay, p.loss, p.clip_grad),
         tower=p.tower, input_size=p.input_size, seed=seed, steps=p.steps, max_seconds=p.max_seconds,
         checkpoint_every=p.checkpoint_every, log_every=p.log_every, amp=p.amp, channels_last=p.channels_last,
-        compile=p.compile, heldout_images=p.heldout_images, workers=p.workers, decode=p.decode)
+        min_live_fraction=p.min_live_fraction, compile=p.compile, heldout_images=p.heldout_images, workers=p.workers, decode=p.decode)
 
 
 def load_tables(root: Path, spec: BatchSpec, log: logging.Logger) -> tuple[ImageTable, ImageTable]:
@@ -93,8 +95,9 @@ def _live_logger(root: Path):
 
     def on_log(row: dict) -> None:
         live.step = row["step"]
-        for key in ("loss", "accuracy", "pairs_per_second"):
-            live.log_metric(f"train/{key}", row[key])
+        for key, value in row.items():  # loss, accuracy, pairs/s and the collapse monitor's live_*, wnorm_*
+            if key != "step":
+                live.log_metric(f"train/{key}", value)
         live.next_step()
 
     return live, on_log
