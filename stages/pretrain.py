@@ -37,6 +37,8 @@ class Params:
     grid_mode: str = param("grid", choices=MODES, help="grid = paper; center8 = MMSelfSup's 3x3 layout")
     input_size: int = param(0, min=0, help="resize patches (area) to this side before the net; 0 = patch")
     grids_per_image: int = param(4, min=1, help="grids sampled per image (released code: 4)")
+    min_pixels: int = param(150_000, min=0, help="pixel count drawn per visit from [min, max] (section 3: 150K)")
+    max_pixels: int = param(450_000, min=0, help="(section 3: 450K); min = max = 0 visits the stored size")
     max_patches: int = param(512, min=4, help="patches per batch at most (released code: 512)")
     color: str = param("projection", choices=COLOR_MODES, help="section 3.1 colour handling")
     downsample_prob: float = param(0.33, min=0.0, max=1.0, help="random downsampling probability (0.33)")
@@ -64,12 +66,14 @@ class Params:
 def train_config(p: Params, seed: int) -> TrainConfig:
     """The library's configuration from the params section (read once, at the edge)."""
     return TrainConfig(
-        data=BatchSpec(p.patch, p.gap, p.jitter, p.grids_per_image, p.max_patches, p.yoked, p.grid_mode),
+        data=BatchSpec(p.patch, p.gap, p.jitter, p.grids_per_image, p.max_patches, p.yoked, p.grid_mode,
+                       p.min_pixels, p.max_pixels),
         augment=PatchAugment.for_patch(p.patch, color=p.color, downsample_prob=p.downsample_prob),
         optim=OptimConfig(p.optimizer, p.lr, p.momentum, p.weight_decay, p.loss, p.clip_grad),
         tower=p.tower, input_size=p.input_size, seed=seed, steps=p.steps, max_seconds=p.max_seconds,
         checkpoint_every=p.checkpoint_every, log_every=p.log_every, amp=p.amp, channels_last=p.channels_last,
-        min_live_fraction=p.min_live_fraction, compile=p.compile, heldout_images=p.heldout_images, workers=p.workers, decode=p.decode)
+        min_live_fraction=p.min_live_fraction, compile=p.compile, heldout_images=p.heldout_images, workers=p.workers,
+        decode=p.decode)
 
 
 def load_tables(root: Path, spec: BatchSpec, log: logging.Logger) -> tuple[ImageTable, ImageTable]:
@@ -80,8 +84,8 @@ def load_tables(root: Path, spec: BatchSpec, log: logging.Logger) -> tuple[Image
     for split in ("train", "val"):
         table, small = usable(load_table(root / MANIFEST, split, kinds), spec)
         if small:
-            log.warning("%s: skipped %d %s images too small for a 2x2 grid of %d px patches",
-                        root / MANIFEST, small, split, spec.patch)
+            log.warning("%s: skipped %d %s images too small for a 2x2 grid of %d px patches at %d pixels",
+                        root / MANIFEST, small, split, spec.patch, spec.min_pixels)
         if len(table) == 0:
             raise ValueError(f"{root / MANIFEST}: no {split} image holds a grid of {spec.patch} px patches")
         tables.append(table)

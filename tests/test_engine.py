@@ -163,6 +163,27 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(data, tm
     assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
 
 
+def test_collapse_monitor_stops_naming_the_layer_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = engine.train_step
+
+    def killing_fc8(model, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # from the 3rd step on, every fc8 pre-activation is negative: relu8 is dead
+            with torch.no_grad():
+                model.head.fc8.bias.fill_(-1e4)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", killing_fc8)
+    with pytest.raises(TrainingError, match=r"collapse at step 3: only 0.00% of fc8's ReLU outputs are live"):
+        run(data, tmp_path, make_cfg(log_every=3, checkpoint_every=2, min_live_fraction=0.05))
+    state = load_checkpoint(paths(tmp_path).state)
+    assert state["step"] == 2 and float(state["model"]["head.fc8.bias"].min()) > -1.0
+    row = state["history"][-1]  # the checked row of step 2 holds the monitor's numbers
+    assert row["step"] == 2 and {"live_fc6", "live_fc7", "live_fc8", "wnorm_fc8", "wnorm_conv1"} <= set(row)
+    assert 0.05 < row["live_fc8"] < 1.0
+
+
 def test_time_budget_ends_the_run_and_is_recorded(data, tmp_path):
     metrics = run(data, tmp_path, make_cfg(max_seconds=1e-6))
     assert metrics["steps"] == 1 and metrics["stopped_by"] == "max_seconds"
@@ -231,4 +252,7 @@ def test_pretrain_stage_writes_metrics_weights_and_dvclive(data, tmp_path, monke
     assert (root / "models" / "pretrain.pt").is_file() and (root / "models" / "pretrain_state" / "last.pt").is_file()
     rows = (root / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:2] == ["step", "loss"] and [r.split("\t")[0] for r in rows[1:]] == ["2", "4"]
+    for key in ("live_fc6", "live_fc7", "live_fc8", "wnorm_fc8"):  # the collapse monitor
+        rows = (root / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / f"{key}.tsv").read_text().splitlines()
+        assert len(rows) == 3 and 0.0 <= float(rows[1].split("\t")[1]) <= (1.0 if "live" in key else 1e3)
 

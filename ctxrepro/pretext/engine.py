@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -179,7 +179,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, x: Te
 
 @torch.no_grad()
 def evaluate(model: nn.Module, table: ImageTable, cfg: TrainConfig, device: str) -> dict[str, float]:
-    """Held-out pretext accuracy (section 4.6) on a fixed, seeded set of images and grids.
+    """Held-out pretext accuracy (section 4.6) on fixed, seeded images, scales and grids; no downsampling.
 
     Batch norm uses its running statistics (eval mode). With several image groups (the tiny world's
     kinds) each group's accuracy is reported too: real photos lag procedural scenes (METHOD.md).
@@ -189,6 +189,7 @@ def evaluate(model: nn.Module, table: ImageTable, cfg: TrainConfig, device: str)
     correct = torch.zeros(len(table.group_names), dtype=torch.float64)
     counts = torch.zeros_like(correct)
     g = generator(cfg.seed, HELDOUT, AUGMENT, device=device)
+    cfg = replace(cfg, augment=replace(cfg.augment, downsample_prob=0.0))  # no random downsampling here
     channels_last = cfg.channels_last and device.startswith("cuda")
     for plan in heldout_plans(table, cfg.data, cfg.seed, cfg.heldout_images):
         batch = finish_batch(load_plan(table, plan, cfg.data.patch), table, cfg.data.patch, device)
@@ -306,7 +307,7 @@ def _loop(run: _Run, cfg: TrainConfig, table: ImageTable, paths: TrainPaths, dev
     prepare = Prepare(cfg, info.rank, device, cfg.channels_last and device.startswith("cuda"))
     on_cpu = device == "cpu"  # CPU: preprocess in the workers; CUDA: on the GPU after the transfer
     dataset = StepBatches(table, cfg.data, cfg.seed, info.rank, cfg.steps, cfg.decode == "worker" or on_cpu,
-                          prepare if on_cpu else None)
+                          prepare if on_cpu else None, cut_in_worker=on_cpu)  # CUDA: rescale + cut on the device
     start = window_start = time.monotonic()
     elapsed = run.seconds
     window: list[Tensor] = []
