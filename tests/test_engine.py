@@ -27,7 +27,8 @@ from ctxrepro.pretext.model import build_model
 from test_pretext_data import write_dataset
 
 LOG = logging.getLogger("test_engine")
-SPEC = BatchSpec(patch=24, gap=12, jitter=2, grids_per_image=2, max_patches=40)
+# Per-visit scale on (section 3): the images hold 12.3K..20.2K pixels; every visit draws 8K..20K.
+SPEC = BatchSpec(patch=24, gap=12, jitter=2, grids_per_image=2, max_patches=40, min_pixels=8000, max_pixels=20000)
 
 
 def make_cfg(**changes) -> TrainConfig:
@@ -224,7 +225,7 @@ def test_heldout_accuracy_per_group_matches_label_shares_from_the_plans(data):
     hits = {0: 0, 1: 0}
     pairs = {0: 0, 1: 0}
     for plan in heldout_plans(grouped, cfg.data, cfg.seed, 3):
-        for i, grids in plan:
+        for i, _, grids in plan:
             for _, _, labels in grids:
                 hits[int(grouped.groups[i])] += int((labels == 4).sum())
                 pairs[int(grouped.groups[i])] += len(labels)
@@ -232,6 +233,29 @@ def test_heldout_accuracy_per_group_matches_label_shares_from_the_plans(data):
     assert metrics["heldout_accuracy_photo"] == pytest.approx(hits[0] / pairs[0])
     assert metrics["heldout_accuracy_procedural"] == pytest.approx(hits[1] / pairs[1])
     assert metrics["heldout_accuracy"] == pytest.approx((hits[0] + hits[1]) / (pairs[0] + pairs[1]))
+
+
+class Recorder(torch.nn.Module):
+    """Records the inputs it sees; predicts label 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, patches, pairs):
+        self.inputs.append(patches.clone())
+        return torch.zeros(len(pairs), 8)
+
+
+def test_heldout_evaluation_never_downsamples(data):
+    _, heldout = tables(data)
+    seen = []
+    for prob in (0.0, 1.0):  # with downsampling every patch would lose detail at prob 1
+        model = Recorder()
+        engine.evaluate(model, heldout, make_cfg(augment=PatchAugment.for_patch(24, color="drop",
+                                                                                 downsample_prob=prob)), "cpu")
+        seen.append(torch.cat(model.inputs))
+    assert torch.equal(seen[0], seen[1])
 
 
 def test_pretrain_stage_writes_metrics_weights_and_dvclive(data, tmp_path, monkeypatch):
@@ -244,8 +268,9 @@ def test_pretrain_stage_writes_metrics_weights_and_dvclive(data, tmp_path, monke
     (root / "data" / "resized").symlink_to(data / "data" / "resized")
     monkeypatch.chdir(root)
     params = pretrain.Params(tower="small", patch=24, gap=12, jitter=2, input_size=16, grids_per_image=2,
-                             max_patches=40, color="drop", optimizer="adam", lr=1e-3, loss="mean", steps=4,
-                             checkpoint_every=2, log_every=2, heldout_images=3, workers=0)
+                             max_patches=40, min_pixels=8000, max_pixels=20000, color="drop", optimizer="adam",
+                             lr=1e-3, loss="mean", steps=4, checkpoint_every=2, log_every=2, heldout_images=3,
+                             workers=0)
     pretrain.run(params, StageContext(BaseParams(seed=1), "cpu", LOG, root=root))
     metrics = json.loads((root / "metrics" / "pretrain.json").read_text())
     assert metrics["steps"] == 4 and metrics["chance"] == 0.125
