@@ -52,7 +52,7 @@ class Params:
     max_seconds: float = param(0.0, min=0.0, help="training time budget over all resumes; 0 = none")
     checkpoint_every: int = param(1000, min=1, help="steps between checkpoints")
     log_every: int = param(100, min=1, help="steps between log rows (dvclive, console)")
-    min_live_fraction: float = param(0.02, min=0.0, max=1.0,
+    min_live_fraction: float = param(0.05, min=0.0, max=1.0,
                                      help="stop when fc6/fc7/fc8 live ReLU share falls below; 0 = off")
     nproc: int = param(1, min=1, max=64, help="processes to spawn (ignored under torchrun)")
     amp: str = param("bf16", choices=("none", "bf16", "fp16"), help="autocast dtype on CUDA")
