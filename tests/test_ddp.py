@@ -158,7 +158,8 @@ def test_pretrain_stage_with_two_spawned_ranks(tmp_path, monkeypatch, caplog):
     write_dataset(tmp_path)
     monkeypatch.chdir(tmp_path)
     params = pretrain.Params(tower="small", patch=24, gap=12, jitter=2, input_size=16, grids_per_image=2,
-                             max_patches=40, min_pixels=8000, max_pixels=20000, color="drop", optimizer="adam", lr=1e-3, loss="mean", steps=3,
+                             max_patches=40, min_pixels=8000, max_pixels=20000, color="drop", optimizer="adam",
+                             lr=1e-3, loss="mean", steps=3,
                              checkpoint_every=2, log_every=1, heldout_images=2, workers=0, nproc=2)
     log = logging.getLogger("test_ddp")
     pretrain.run(params, StageContext(BaseParams(seed=0), "cpu", log, root=tmp_path))

@@ -25,8 +25,8 @@ def test_monitor_reads_the_last_training_forward_and_every_weight_norm():
     assert stats["live_fc6"] == pytest.approx(float((emb > 0).double().mean()))
     assert stats["live_fc7"] == pytest.approx(float((h7 > 0).double().mean()))
     assert stats["live_fc8"] == pytest.approx(float((h8 > 0).double().mean()))
-    assert stats["wnorm_fc9"] == pytest.approx(float(model.head.fc9.weight.detach().double().square().sum().sqrt()))
-    assert stats["wnorm_conv1"] == pytest.approx(float(model.tower.conv1.weight.detach().double().square().sum().sqrt()))
+    for layer, weight in (("fc9", model.head.fc9.weight), ("conv1", model.tower.conv1.weight)):
+        assert stats[f"wnorm_{layer}"] == pytest.approx(float(weight.detach().double().square().sum().sqrt()))
     model.eval()(torch.zeros(6, 3, 16, 16), pairs)  # evaluation passes do not overwrite the training numbers
     assert monitor.read()["live_fc8"] == stats["live_fc8"]
     assert monitor.read(lambda v: v * 2)["live_fc8"] == pytest.approx(2 * stats["live_fc8"])
