@@ -39,7 +39,7 @@ PROFILES = {  # the params of the two profiles that matter for speed
                         augment=PatchAugment.for_patch(48, color="drop"), optim=OptimConfig("adam", 1e-3),
                         tower="small", input_size=32, workers=1),
     "paper": TrainConfig(data=BatchSpec(), augment=PatchAugment.for_patch(96, color="projection"),
-                         optim=OptimConfig("sgd", 1e-5, 0.999), tower="alexnet", workers=1),
+                         optim=OptimConfig("sgd", 1e-5, 0.0), tower="alexnet", workers=1),
 }
 SIZES = {"tiny": (256, 256), "paper": (474, 632)}  # paper: 299,568 pixels, inside [150K, 450K]
 

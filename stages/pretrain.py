@@ -39,12 +39,14 @@ class Params:
     grid_mode: str = param("grid", choices=MODES, help="grid = paper; center8 = MMSelfSup's 3x3 layout")
     input_size: int = param(0, min=0, help="resize patches (area) to this side before the net; 0 = patch")
     grids_per_image: int = param(4, min=1, help="grids sampled per image (released code: 4)")
+    min_pixels: int = param(150_000, min=0, help="pixel count drawn per visit from [min, max] (section 3: 150K)")
+    max_pixels: int = param(450_000, min=0, help="(section 3: 450K); min = max = 0 visits the stored size")
     max_patches: int = param(512, min=4, help="patches per batch at most (released code: 512)")
     color: str = param("projection", choices=COLOR_MODES, help="section 3.1 colour handling")
     downsample_prob: float = param(0.33, min=0.0, max=1.0, help="random downsampling probability (0.33)")
     optimizer: str = param("sgd", choices=("sgd", "adam"), help="sgd = paper")
     lr: float = param(1e-5, min=0.0, help="learning rate (released solver: 1e-5)")
-    momentum: float = param(0.999, min=0.0, max=0.9999, help="SGD momentum (section 3: 0.999)")
+    momentum: float = param(0.0, min=0.0, max=0.9999, help="SGD momentum (released solver: 0)")
     weight_decay: float = param(0.0, min=0.0, help="weight decay (released solver: 0)")
     loss: str = param("sum", choices=("sum", "mean"), help="cross-entropy over pairs (released: sum)")
     clip_grad: float = param(0.0, min=0.0, help="max gradient norm; 0 = off")
@@ -52,6 +54,8 @@ class Params:
     max_seconds: float = param(0.0, min=0.0, help="training time budget over all resumes; 0 = none")
     checkpoint_every: int = param(1000, min=1, help="steps between checkpoints")
     log_every: int = param(100, min=1, help="steps between log rows (dvclive, console)")
+    min_live_fraction: float = param(0.05, min=0.0, max=1.0,
+                                     help="stop when fc6/fc7/fc8 live ReLU share falls below; 0 = off")
     nproc: int = param(1, min=1, max=64, help="processes to spawn (ignored under torchrun)")
     amp: str = param("bf16", choices=("none", "bf16", "fp16"), help="autocast dtype on CUDA")
     channels_last: bool = param(True, help="channels_last memory format on CUDA")
@@ -64,12 +68,14 @@ class Params:
 def train_config(p: Params, seed: int) -> TrainConfig:
     """The library's configuration from the params section (read once, at the edge)."""
     return TrainConfig(
-        data=BatchSpec(p.patch, p.gap, p.jitter, p.grids_per_image, p.max_patches, p.yoked, p.grid_mode),
+        data=BatchSpec(p.patch, p.gap, p.jitter, p.grids_per_image, p.max_patches, p.yoked, p.grid_mode,
+                       p.min_pixels, p.max_pixels),
         augment=PatchAugment.for_patch(p.patch, color=p.color, downsample_prob=p.downsample_prob),
         optim=OptimConfig(p.optimizer, p.lr, p.momentum, p.weight_decay, p.loss, p.clip_grad),
         tower=p.tower, input_size=p.input_size, seed=seed, steps=p.steps, max_seconds=p.max_seconds,
         checkpoint_every=p.checkpoint_every, log_every=p.log_every, amp=p.amp, channels_last=p.channels_last,
-        compile=p.compile, heldout_images=p.heldout_images, workers=p.workers, decode=p.decode)
+        min_live_fraction=p.min_live_fraction, compile=p.compile, heldout_images=p.heldout_images, workers=p.workers,
+        decode=p.decode)
 
 
 def load_tables(root: Path, spec: BatchSpec, log: logging.Logger) -> tuple[ImageTable, ImageTable]:
@@ -80,8 +86,8 @@ def load_tables(root: Path, spec: BatchSpec, log: logging.Logger) -> tuple[Image
     for split in ("train", "val"):
         table, small = usable(load_table(root / MANIFEST, split, kinds), spec)
         if small:
-            log.warning("%s: skipped %d %s images too small for a 2x2 grid of %d px patches",
-                        root / MANIFEST, small, split, spec.patch)
+            log.warning("%s: skipped %d %s images too small for a 2x2 grid of %d px patches at %d pixels",
+                        root / MANIFEST, small, split, spec.patch, spec.min_pixels)
         if len(table) == 0:
             raise ValueError(f"{root / MANIFEST}: no {split} image holds a grid of {spec.patch} px patches")
         tables.append(table)
@@ -103,8 +109,9 @@ def live_logger(live_dir: Path) -> Iterator[Callable[[dict], None]]:
 
         def on_log(row: dict) -> None:
             live.step = row["step"]
-            for key in ("loss", "accuracy", "pairs_per_second"):
-                live.log_metric(f"train/{key}", row[key])
+            for key, value in row.items():  # loss, accuracy, pairs/s and the collapse monitor's live_*, wnorm_*
+                if key != "step":
+                    live.log_metric(f"train/{key}", value)
             live.next_step()
 
         yield on_log

@@ -1,4 +1,5 @@
-"""Resize ImageNet to 150K..450K pixels per image, aspect kept, junk counted (section 3); resumable, shardable."""
+"""Store ImageNet once at a canonical size (<= 450K pixels, never enlarged; pretrain draws 150K..450K at every
+visit, section 3), aspect kept, 4:4:4 JPEG, junk counted; resumable, shardable."""
 
 from __future__ import annotations
 
@@ -19,26 +20,26 @@ METRICS = Path("metrics/resize.json")
 @dataclass(frozen=True)
 class Params:
     workers: int = param(4, min=1, max=256, help="worker processes (one image stream each)")
-    min_pixels: int = param(150_000, min=1, help="fewest pixels of a resized image (section 3: 150K)")
-    max_pixels: int = param(450_000, min=2, help="most pixels of a resized image (section 3: 450K)")
-    quality: int = param(90, min=1, max=100, help="JPEG quality of the resized images (not in the paper)")
+    min_pixels: int = param(150_000, min=1, help="smallest visit's pixels, for the too-small rule (section 3: 150K)")
+    max_pixels: int = param(450_000, min=2, help="most pixels of a stored image (section 3: 450K)")
+    quality: int = param(95, min=1, max=100, help="JPEG quality, 4:4:4 chroma (not in the paper)")
     patch: int = param(96, min=1, help="patch side; with gap, sets the too-small rule (section 3: 96)")
     gap: int = param(48, min=0, help="gap between patches; short side >= 2*patch+gap (section 3: 48)")
     max_upscale: float = param(0.0, min=0.0, help="skip images needing a larger enlargement (0: no limit, as released)")
     splits: tuple[str, ...] = param(("train", "val"), choices=("train", "val"), help="ImageNet splits")
 
     def __post_init__(self) -> None:
-        self.config(seed=0)  # the library checks the values that only make sense together
+        self.config()  # the library checks the values that only make sense together
         if not self.splits:
             raise ValueError("splits is empty; list at least one of train, val")
 
-    def config(self, seed: int) -> ResizeConfig:
+    def config(self) -> ResizeConfig:
         return ResizeConfig(min_pixels=self.min_pixels, max_pixels=self.max_pixels, quality=self.quality,
-                            patch=self.patch, gap=self.gap, seed=seed, max_upscale=self.max_upscale)
+                            patch=self.patch, gap=self.gap, max_upscale=self.max_upscale)
 
 
 def run(params: Params, ctx: StageContext) -> None:
-    cfg = params.config(ctx.base.seed)
+    cfg = params.config()
     try:
         mine, merged = run_shard(ctx.root / RAW, ctx.root / OUT, params.splits, cfg, params.workers,
                                  ctx.shard, ctx.log)

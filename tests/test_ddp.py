@@ -32,13 +32,20 @@ def global_batch():
     return halves
 
 
-def one_step(model: nn.Module, batch, loss: str, world: int):
+# The paper profile's recipe (the released solver): the summed loss, lr 1e-5, no momentum.
+PAPER = OptimConfig("sgd", lr=1e-5, momentum=0.0, loss="sum")
+
+
+def one_step(model: nn.Module, batch, loss: str, world: int, optim: OptimConfig | None = None):
     x, pairs, labels = batch
-    cfg = make_cfg(optim=OptimConfig("sgd", lr=0.01, momentum=0.9, loss=loss))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    train_step(model, optimizer, None, x, pairs, labels, cfg, "cpu", world)
+    optim = optim or OptimConfig("sgd", lr=0.01, momentum=0.9, loss=loss)
+    cfg = make_cfg(optim=optim)
+    optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum)
     plain = D.unwrap(model)
+    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    train_step(model, optimizer, None, x, pairs, labels, cfg, "cpu", world)
     return {"grad": {n: p.grad.clone() for n, p in plain.named_parameters()},
+            "step": {n: p.detach() - before[n] for n, p in plain.named_parameters()},
             "state": {k: v.clone() for k, v in plain.state_dict().items()}}
 
 
@@ -54,6 +61,10 @@ def _rank(out: str) -> None:
                 model = D.sync_batchnorm(model, "cpu")
             ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
             results[f"{loss}-{sync}"] = one_step(ddp, global_batch()[info.rank], loss, info.world)
+        torch.manual_seed(0)
+        ddp = nn.parallel.DistributedDataParallel(D.sync_batchnorm(build_model("small", 16), "cpu"),
+                                                  forward_sync_buffers=False)
+        results["paper"] = one_step(ddp, global_batch()[info.rank], "sum", info.world, PAPER)
         if info.is_main:
             torch.save(results, out)
     finally:
@@ -67,11 +78,25 @@ def ddp_results(tmp_path_factory):
     return torch.load(out, weights_only=True)
 
 
-def single_process(loss: str):
+def single_process(loss: str, optim: OptimConfig | None = None):
     (x1, p1, l1), (x2, p2, l2) = global_batch()
     batch = (torch.cat([x1, x2]), torch.cat([p1, p2 + len(x1)]), torch.cat([l1, l2]))
     torch.manual_seed(0)
-    return one_step(build_model("small", 16), batch, loss, 1)
+    return one_step(build_model("small", 16), batch, loss, 1, optim)
+
+
+def test_paper_recipe_takes_the_same_step_per_pair_on_two_ranks_as_on_one(ddp_results):
+    """Summed loss, lr 1e-5, momentum 0: each rank's sum is scaled by W (engine.loss_scale) and DDP averages,
+    so two ranks holding halves of a global batch step exactly as one process on all of it, not W times more."""
+    ref, got = single_process("sum", PAPER), ddp_results["paper"]
+    scale = max(float(g.abs().max()) for g in ref["grad"].values())
+    for name, grad in ref["grad"].items():  # the step is -lr x this gradient on both
+        assert torch.allclose(got["grad"][name], grad, rtol=1e-4, atol=1e-6 * scale), name
+    # the applied step is lr x the SUMMED gradient (SGD, momentum 0), up to float32 rounding of the weights
+    for run in (ref, got):
+        w = run["state"]["head.fc9.weight"]
+        assert torch.allclose(run["step"]["head.fc9.weight"], -1e-5 * run["grad"]["head.fc9.weight"],
+                              rtol=1e-3, atol=4e-8 * float(w.abs().max()))
 
 
 @pytest.mark.parametrize("loss", ["sum", "mean"])
@@ -133,7 +158,8 @@ def test_pretrain_stage_with_two_spawned_ranks(tmp_path, monkeypatch, caplog):
     write_dataset(tmp_path)
     monkeypatch.chdir(tmp_path)
     params = pretrain.Params(tower="small", patch=24, gap=12, jitter=2, input_size=16, grids_per_image=2,
-                             max_patches=40, color="drop", optimizer="adam", lr=1e-3, loss="mean", steps=3,
+                             max_patches=40, min_pixels=8000, max_pixels=20000, color="drop", optimizer="adam",
+                             lr=1e-3, loss="mean", steps=3,
                              checkpoint_every=2, log_every=1, heldout_images=2, workers=0, nproc=2)
     log = logging.getLogger("test_ddp")
     pretrain.run(params, StageContext(BaseParams(seed=0), "cpu", log, root=tmp_path))

@@ -27,7 +27,8 @@ from ctxrepro.pretext.model import build_model
 from test_pretext_data import write_dataset
 
 LOG = logging.getLogger("test_engine")
-SPEC = BatchSpec(patch=24, gap=12, jitter=2, grids_per_image=2, max_patches=40)
+# Per-visit scale on (section 3): the images hold 12.3K..20.2K pixels; every visit draws 8K..20K.
+SPEC = BatchSpec(patch=24, gap=12, jitter=2, grids_per_image=2, max_patches=40, min_pixels=8000, max_pixels=20000)
 
 
 def make_cfg(**changes) -> TrainConfig:
@@ -164,6 +165,27 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(data, tm
     assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
 
 
+def test_collapse_monitor_stops_naming_the_layer_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = engine.train_step
+
+    def killing_fc8(model, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # from the 3rd step on, every fc8 pre-activation is negative: relu8 is dead
+            with torch.no_grad():
+                model.head.fc8.bias.fill_(-1e4)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", killing_fc8)
+    with pytest.raises(TrainingError, match=r"collapse at step 3: only 0.00% of fc8's ReLU outputs are live"):
+        run(data, tmp_path, make_cfg(log_every=3, checkpoint_every=2, min_live_fraction=0.05))
+    state = load_checkpoint(paths(tmp_path).state)
+    assert state["step"] == 2 and float(state["model"]["head.fc8.bias"].min()) > -1.0
+    row = state["history"][-1]  # the checked row of step 2 holds the monitor's numbers
+    assert row["step"] == 2 and {"live_fc6", "live_fc7", "live_fc8", "wnorm_fc8", "wnorm_conv1"} <= set(row)
+    assert 0.05 < row["live_fc8"] < 1.0
+
+
 def test_time_budget_ends_the_run_and_is_recorded(data, tmp_path):
     metrics = run(data, tmp_path, make_cfg(max_seconds=1e-6))
     assert metrics["steps"] == 1 and metrics["stopped_by"] == "max_seconds"
@@ -204,7 +226,7 @@ def test_heldout_accuracy_per_group_matches_label_shares_from_the_plans(data):
     hits = {0: 0, 1: 0}
     pairs = {0: 0, 1: 0}
     for plan in heldout_plans(grouped, cfg.data, cfg.seed, 3):
-        for i, grids in plan:
+        for i, _, grids in plan:
             for _, _, labels in grids:
                 hits[int(grouped.groups[i])] += int((labels == 4).sum())
                 pairs[int(grouped.groups[i])] += len(labels)
@@ -212,6 +234,29 @@ def test_heldout_accuracy_per_group_matches_label_shares_from_the_plans(data):
     assert metrics["heldout_accuracy_photo"] == pytest.approx(hits[0] / pairs[0])
     assert metrics["heldout_accuracy_procedural"] == pytest.approx(hits[1] / pairs[1])
     assert metrics["heldout_accuracy"] == pytest.approx((hits[0] + hits[1]) / (pairs[0] + pairs[1]))
+
+
+class Recorder(torch.nn.Module):
+    """Records the inputs it sees; predicts label 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, patches, pairs):
+        self.inputs.append(patches.clone())
+        return torch.zeros(len(pairs), 8)
+
+
+def test_heldout_evaluation_never_downsamples(data):
+    _, heldout = tables(data)
+    seen = []
+    for prob in (0.0, 1.0):  # with downsampling every patch would lose detail at prob 1
+        model = Recorder()
+        engine.evaluate(model, heldout, make_cfg(augment=PatchAugment.for_patch(24, color="drop",
+                                                                                 downsample_prob=prob)), "cpu")
+        seen.append(torch.cat(model.inputs))
+    assert torch.equal(seen[0], seen[1])
 
 
 def test_pretrain_stage_writes_metrics_weights_and_dvclive(data, tmp_path, monkeypatch):
@@ -224,14 +269,18 @@ def test_pretrain_stage_writes_metrics_weights_and_dvclive(data, tmp_path, monke
     (root / "data" / "resized").symlink_to(data / "data" / "resized")
     monkeypatch.chdir(root)
     params = pretrain.Params(tower="small", patch=24, gap=12, jitter=2, input_size=16, grids_per_image=2,
-                             max_patches=40, color="drop", optimizer="adam", lr=1e-3, loss="mean", steps=4,
-                             checkpoint_every=2, log_every=2, heldout_images=3, workers=0)
+                             max_patches=40, min_pixels=8000, max_pixels=20000, color="drop", optimizer="adam",
+                             lr=1e-3, loss="mean", steps=4, checkpoint_every=2, log_every=2, heldout_images=3,
+                             workers=0)
     pretrain.run(params, StageContext(BaseParams(seed=1), "cpu", LOG, root=root))
     metrics = json.loads((root / "metrics" / "pretrain.json").read_text())
     assert metrics["steps"] == 4 and metrics["chance"] == 0.125
     assert (root / "models" / "pretrain.pt").is_file() and (root / "models" / "pretrain_state" / "last.pt").is_file()
     rows = (root / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:2] == ["step", "loss"] and [r.split("\t")[0] for r in rows[1:]] == ["2", "4"]
+    for key in ("live_fc6", "live_fc7", "live_fc8", "wnorm_fc8"):  # the collapse monitor
+        rows = (root / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / f"{key}.tsv").read_text().splitlines()
+        assert len(rows) == 3 and 0.0 <= float(rows[1].split("\t")[1]) <= (1.0 if "live" in key else 1e3)
     # A failed run (lr 1e30: a non-finite loss or state) leaves the curves, metrics and weights as they were.
     kept = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and "pretrain_state" not in p.parts}
     with pytest.raises(StageError, match="NaN|non-finite"):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision.io import decode_image, encode_jpeg
 
-from ctxrepro.pretext.data import (DATA, BatchSpec, StepBatches, finish_batch, heldout_plans, load_kinds, load_table,
-                                   make_loader, plan_step, read_manifest, usable)
+from ctxrepro.pretext.data import (DATA, BatchSpec, StepBatches, Visit, finish_batch, heldout_plans, load_kinds,
+                                   load_plan, load_table, make_loader, plan_step, read_manifest, usable)
 from ctxrepro.pretext.sampling import sample_grid
 from ctxrepro.seeds import derive_seed, generator
 
@@ -142,7 +142,7 @@ def test_batch_patches_pairs_and_offsets_match_an_independent_rebuild(table):
     batch = ds[2]
     plan = plan_step(table, SPEC, generator(1, DATA, 0, 2))
     offset, pair_row = 0, 0
-    for image_pos, (i, grids) in enumerate(plan):
+    for image_pos, (i, _, grids) in enumerate(plan):
         image = decode_image(str(table.path(i)))
         for boxes, pairs, labels in grids:
             for k, (y, x) in enumerate(boxes.tolist()):
@@ -154,7 +154,7 @@ def test_batch_patches_pairs_and_offsets_match_an_independent_rebuild(table):
                 pair_row += 1
             offset += len(boxes)
     assert offset == len(batch["patches"]) and pair_row == len(batch["labels"])
-    assert batch["images"].tolist() == [i for i, _ in plan]
+    assert batch["images"].tolist() == [v.image for v in plan]
 
 
 def test_batches_are_greedily_packed_up_to_max_patches(table):
@@ -193,13 +193,14 @@ def test_corrupt_or_resized_images_are_errors_naming_the_file(manifest):
     t = usable(load_table(manifest, "val"), SPEC)[0]
     first = t.path(0)
     first.write_bytes(b"\xff\xd8 not a jpeg")
-    plan = [(0, [sample_grid(int(t.heights[0]), int(t.widths[0]), torch.Generator().manual_seed(0), 24, 12, 2)])]
-    from ctxrepro.pretext.data import load_plan
+    size = (int(t.heights[0]), int(t.widths[0]))
+    plan = [Visit(0, size, [sample_grid(*size, torch.Generator().manual_seed(0), 24, 12, 2)])]
     with pytest.raises(ValueError, match=str(first.name)):
         load_plan(t, plan, 24)
     second = t.path(1)
     second.write_bytes(encode_jpeg(torch.zeros(3, 64, 64, dtype=torch.uint8)).numpy().tobytes())
-    plan = [(1, [sample_grid(int(t.heights[1]), int(t.widths[1]), torch.Generator().manual_seed(0), 24, 12, 2)])]
+    size = (int(t.heights[1]), int(t.widths[1]))
+    plan = [Visit(1, size, [sample_grid(*size, torch.Generator().manual_seed(0), 24, 12, 2)])]
     with pytest.raises(ValueError, match=rf"{second.name} is 64x64 but the manifest says"):
         load_plan(t, plan, 24)
 
@@ -208,11 +209,11 @@ def test_heldout_plans_fixed_complete_and_packed(manifest):
     t = usable(load_table(manifest, "val"), SPEC)[0]
     a = heldout_plans(t, SPEC, seed=0, n_images=3)
     b = heldout_plans(t, SPEC, seed=0, n_images=3)
-    flat = lambda plans: [(i, box.tolist()) for p in plans for i, gs in p for box, _, _ in gs]  # noqa: E731
+    flat = lambda plans: [(i, box.tolist()) for p in plans for i, _, gs in p for box, _, _ in gs]  # noqa: E731
     assert flat(a) == flat(b)
-    assert sorted({i for p in a for i, _ in p}) == [0, 1, 2]
-    assert sum(len(gs) for p in a for _, gs in p) == 3 * SPEC.grids_per_image
-    assert all(sum(len(bx) for _, gs in p for bx, _, _ in gs) <= SPEC.max_patches for p in a)
+    assert sorted({i for p in a for i, _, _ in p}) == [0, 1, 2]
+    assert sum(len(gs) for p in a for _, _, gs in p) == 3 * SPEC.grids_per_image
+    assert all(sum(len(bx) for _, _, gs in p for bx, _, _ in gs) <= SPEC.max_patches for p in a)
     assert len(heldout_plans(t, SPEC, seed=0, n_images=1)) == 1
 
 
@@ -221,3 +222,67 @@ def test_load_kinds_rejects_entries_without_kind(tmp_path):
     index.write_text(json.dumps({"a.JPEG": {"label": 3}}))
     with pytest.raises(ValueError, match=r"world_index.json.*'a.JPEG'"):
         load_kinds(index)
+
+
+# Per-visit scale (section 3): the train images hold 12.3K..17.9K pixels; each visit draws 8K..20K.
+SCALED = BatchSpec(patch=24, gap=12, jitter=2, grids_per_image=2, max_patches=40, min_pixels=8000, max_pixels=20000)
+
+
+def test_the_same_image_visited_at_two_steps_gets_different_sizes(table):
+    sizes: dict[int, set] = {}
+    for step in range(12):
+        for i, (h, w), grids in plan_step(table, SCALED, generator(0, DATA, 0, step)):
+            assert abs(h * w - 14000) <= 6000 + h + w  # within [min, max] up to the rounding of the sides
+            assert abs(w / h - table.widths[i] / table.heights[i]) <= 1.5 / min(h, w) * w / h  # aspect kept
+            assert all(int(b[:, 0].max()) + 24 <= h and int(b[:, 1].max()) + 24 <= w for b, _, _ in grids)
+            sizes.setdefault(i, set()).add((h, w))
+    assert max(len(s) for s in sizes.values()) >= 3  # pixel counts are drawn per visit, not per image
+    again = plan_step(table, SCALED, generator(0, DATA, 0, 5))  # ... from the step's generator
+    assert [v.size for v in again] == [v.size for v in plan_step(table, SCALED, generator(0, DATA, 0, 5))]
+
+
+def test_patches_are_cut_from_the_image_rescaled_to_the_visit_size(table):
+    from PIL import Image
+
+    batch = StepBatches(table, SCALED, seed=1, rank=0, steps=3)[2]
+    plan = plan_step(table, SCALED, generator(1, DATA, 0, 2))
+    offset = rescaled = 0
+    for i, (h, w), grids in plan:
+        rescaled += (h, w) != (int(table.heights[i]), int(table.widths[i]))
+        # independent reference: PIL's antialiased bilinear resize of an independent decode
+        ref = torch.from_numpy(np.array(Image.open(table.path(i)).convert("RGB").resize((w, h), Image.BILINEAR)))
+        ref = ref.permute(2, 0, 1).float()
+        for boxes, _, _ in grids:
+            for k, (y, x) in enumerate(boxes.tolist()):
+                diff = (batch["patches"][offset + k].float() - ref[:, y:y + 24, x:x + 24]).abs()
+                assert float(diff.mean()) < 1.0 and float(diff.max()) <= 3
+            offset += len(boxes)
+    assert offset == len(batch["patches"]) and rescaled >= 1
+
+
+def test_rescale_on_the_device_path_equals_the_worker_path(table):
+    worker = StepBatches(table, SCALED, seed=2, rank=0, steps=2)[1]
+    for mode in ({"cut_in_worker": False}, {"decode_in_worker": False}):
+        raw = StepBatches(table, SCALED, seed=2, rank=0, steps=2, **mode)[1]
+        assert "patches" not in raw and ("decoded" in raw or "jpegs" in raw)
+        done = finish_batch(raw, table, SCALED.patch, "cpu")
+        for key in ("patches", "pairs", "labels", "pair_image", "images"):
+            assert torch.equal(done[key], worker[key]), (mode, key)
+
+
+def test_heldout_plans_have_a_fixed_seeded_scale_per_image(manifest):
+    t = usable(load_table(manifest, "val"), SCALED)[0]
+    a, b = heldout_plans(t, SCALED, seed=0, n_images=3), heldout_plans(t, SCALED, seed=0, n_images=3)
+    sizes = {i: size for p in a for i, size, _ in p}
+    assert sizes == {i: size for p in b for i, size, _ in p}
+    assert all(size != (int(t.heights[i]), int(t.widths[i])) for i, size in sizes.items())
+    assert {i: size for p in heldout_plans(t, SCALED, seed=1, n_images=3) for i, size, _ in p} != sizes
+
+
+def test_usable_judges_images_at_their_smallest_visit_size(manifest):
+    full = load_table(manifest, "train")  # 40x40 holds no grid, but at 8000 pixels it is 89x89
+    assert usable(full, SCALED)[1] == 0 and usable(full, SPEC)[1] == 1
+    few = BatchSpec(patch=24, gap=12, jitter=2, min_pixels=3000, max_pixels=20000)  # 96x128 -> 47x63: none
+    assert usable(full, few)[1] == len(full)
+    with pytest.raises(ValueError, match="min_pixels"):
+        BatchSpec(min_pixels=5, max_pixels=0)

@@ -136,6 +136,9 @@ def test_changing_a_metric_changes_the_report(run_dir, no_plots):
     after, _ = _report(run_dir)
     assert "| Ours-projection | 45.7 | init `ours` | 55.0 | 8 |" in after
     assert "| best 10% of images (paper 10%), raw | 0.255 | 0.200 |" in after
+    # ratios to each run's own chance: paper .255/.371 and .321/.371; ours .1412/.3319 -> .2/.3319, .2718/.3319
+    assert "| best 10%, raw | 0.69 | 0.43 |" in before and "| best 10%, raw | 0.69 | 0.60 |" in after
+    assert "| best 10%, after colour projection | 0.87 | 0.82 |" in after
     assert "43.2" in before and "43.2" not in after
 
 

@@ -1,16 +1,18 @@
 """Resizing ImageNet for the pretext task: "we resize each image to between 150K and 450K total pixels,
 preserving the aspect-ratio" (paper section 3, Implementation Details).
 
-One image at a time (`process_image`): the target pixel count is drawn uniformly from
-[min_pixels, max_pixels] by an RNG seeded from the base seed and the image's relative path (sha256, never
-Python's salted hash()), so a result never depends on order, worker count or shard. Images are scaled both
-ways, as the paper does: ImageNet's typical 500x375 (187.5K pixels) lies near the bottom of the range, so
-most images grow; never upscaling would shift the paper's scale distribution. An image whose resized
-short side cannot hold a 2x2 grid of patches with their gap (2 * patch + gap pixels; 240 in the paper)
-is skipped as too small: the patch sampler (ctxrepro.pretext.sampling) needs exactly that much. (The released
-code, cdoersch/deepcontext, also enlarges every image and skips after resizing, with a 7-px jitter margin
-that our sampler does not need because it clamps the jitter.) Optionally (`max_upscale`, off in the
-paper profile), thumbnails that would have to be enlarged more than that factor are skipped as too small.
+The released code (cdoersch/deepcontext, train.py) draws a fresh pixel count in [150K, 450K] every time
+it loads an image, about 17 times per image over a run. So this stage stores each image ONCE at a
+canonical size (`plan_size`: at most max_pixels, aspect kept, never enlarged) and the pretrain stage
+draws the count at every visit (ctxrepro.pretext.data.visit_size). An image whose short side at
+min_pixels (its smallest visit) cannot hold a 2x2 grid of patches with their gap (2 * patch + gap
+pixels; 240 in the paper) is skipped as too small: the patch sampler (ctxrepro.pretext.sampling) needs
+exactly that much. (The released code skips after resizing, with a 7-px jitter margin that our sampler
+does not need because it clamps the jitter.) Optionally (`max_upscale`, off in the paper profile),
+thumbnails that the smallest visit would enlarge more than that factor are skipped as too small.
+
+Outputs are JPEGs with full chroma (4:4:4, quality 95): 4:2:0 subsampling blurs the colour fringes of
+chromatic aberration that section 4.2 studies (bench/README.md measures the size and decode cost).
 
 Speed: JPEG draft mode decodes at 1/2..1/8 scale when the image shrinks at least `reducing_gap` x 2
 times; OpenCV resamples (bicubic to enlarge, supersampling to shrink; see `resample`), and libjpeg-turbo
@@ -35,7 +37,8 @@ from PIL import Image
 from ctxrepro.data.images import JunkImage, decode_rgb, draft_size, open_jpeg
 
 # Written into the params stamp: change it whenever the pixels an unchanged config produces change.
-ALGORITHM = "v1: pil draft(reducing_gap) + cv2 bicubic up / bicubic-to-k-times + k x k area down + pil jpeg 4:2:0"
+ALGORITHM = ("v2: canonical size (<= max_pixels, never enlarged) via pil draft(reducing_gap) + bicubic-to-k-times"
+             " + k x k area down + pil jpeg 4:4:4")
 JPEG_EOI = b"\xff\xd9"
 
 
@@ -59,11 +62,10 @@ class ResizeConfig:
 
     min_pixels: int = 150_000  # section 3: "between 150K and 450K total pixels"
     max_pixels: int = 450_000
-    quality: int = 90  # not in the paper; high enough that JPEG artefacts stay below the patch noise
+    quality: int = 95  # not in the paper; with 4:4:4 chroma, so aberration fringes survive (section 4.2)
     patch: int = 96  # section 3: 96x96 patches
     gap: int = 48  # section 3: a gap of 48 pixels between grid patches
-    seed: int = 0
-    max_upscale: float = 0.0  # 0: enlarge any image, as the released code does; else skip larger enlargements
+    max_upscale: float = 0.0  # 0: visits may enlarge any image, as the released code does; else skip more
     reducing_gap: float = 2.0  # PIL thumbnail's default: DCT-scale only to >= 2x the target
 
     def __post_init__(self) -> None:
@@ -94,12 +96,6 @@ def shard_of(key: str, shards: int) -> int:
     return stable_int("resize-shard", key) % shards
 
 
-def draw_pixels(seed: int, key: str, min_pixels: int, max_pixels: int) -> float:
-    """The image's target pixel count, uniform in [min_pixels, max_pixels], from its own seeded RNG."""
-    rng = np.random.default_rng(stable_int("resize-pixels", str(seed), key))
-    return float(rng.uniform(min_pixels, max_pixels))
-
-
 def _aspect_error(w: int, h: int, aspect: float) -> float:
     return abs(math.log(w / h) - math.log(aspect))
 
@@ -123,10 +119,16 @@ def target_size(width: int, height: int, pixels: float, min_pixels: int, max_pix
     return w, h
 
 
-def plan_size(width: int, height: int, key: str, cfg: ResizeConfig) -> tuple[int, int]:
-    """The output size of the image `key` (its path relative to the data set root) of width x height."""
-    pixels = draw_pixels(cfg.seed, key, cfg.min_pixels, cfg.max_pixels)
-    return target_size(width, height, pixels, cfg.min_pixels, cfg.max_pixels)
+def plan_size(width: int, height: int, cfg: ResizeConfig) -> tuple[int, int]:
+    """The canonical (stored) size of a width x height image: at most max_pixels, aspect kept, never enlarged."""
+    if width * height <= cfg.max_pixels:
+        return width, height
+    return target_size(width, height, cfg.max_pixels, 1, cfg.max_pixels)
+
+
+def smallest_visit(width: int, height: int, cfg: ResizeConfig) -> tuple[int, int]:
+    """The size of the image at its smallest visit (min_pixels), which the too-small rule judges."""
+    return target_size(width, height, cfg.min_pixels, cfg.min_pixels, cfg.max_pixels)
 
 
 def resample(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -149,9 +151,9 @@ def resample(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    """Baseline JPEG, 4:2:0 chroma, no metadata: the same pixels always give the same bytes."""
+    """Baseline JPEG, 4:4:4 chroma (no subsampling), no metadata: the same pixels always give the same bytes."""
     buf = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False,
+    Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False,
                                      progressive=False)
     return buf.getvalue()
 
@@ -217,14 +219,14 @@ class Outcome:
 def _check_and_plan(im: Image.Image, task: Task, cfg: ResizeConfig) -> tuple[int, int]:
     if min(im.size) < 1:
         raise JunkImage("corrupt", f"the header gives an empty image ({im.size[0]}x{im.size[1]})")
-    size = plan_size(im.size[0], im.size[1], task.key, cfg)
-    if min(size) < cfg.min_side:
-        raise JunkImage("too_small", f"{im.size[0]}x{im.size[1]} resizes to {size[0]}x{size[1]}; a 2x2 grid "
-                                     f"needs {cfg.min_side} px per side")
-    if cfg.max_upscale and size[0] > cfg.max_upscale * im.size[0]:
-        raise JunkImage("too_small", f"{im.size[0]}x{im.size[1]} would be enlarged {size[0] / im.size[0]:.2f}x to "
-                                     f"{size[0]}x{size[1]}; max_upscale is {cfg.max_upscale:g}")
-    return size
+    small = smallest_visit(im.size[0], im.size[1], cfg)
+    if min(small) < cfg.min_side:
+        raise JunkImage("too_small", f"{im.size[0]}x{im.size[1]} is {small[0]}x{small[1]} at {cfg.min_pixels} "
+                                     f"pixels; a 2x2 grid needs {cfg.min_side} px per side")
+    if cfg.max_upscale and small[0] > cfg.max_upscale * im.size[0]:
+        raise JunkImage("too_small", f"{im.size[0]}x{im.size[1]} would be enlarged {small[0] / im.size[0]:.2f}x "
+                                     f"to {small[0]}x{small[1]}; max_upscale is {cfg.max_upscale:g}")
+    return plan_size(im.size[0], im.size[1], cfg)
 
 
 def process_image(task: Task, cfg: ResizeConfig, raw_root: Path, out_root: Path, tmp_dir: Path) -> Outcome:

@@ -9,9 +9,13 @@ manifest) into such batches:
   replacement, from this rank's disjoint shard) and its grids from a torch.Generator seeded by
   `derive_seed(seed, DATA, rank, s)`. Resuming at step k is therefore "start the sampler at k": no
   consumed batch is replayed, and the stream does not depend on the number of DataLoader workers.
-- Grids are planned from the manifest's image sizes before any decoding; images are decoded once
-  (in a DataLoader worker, or on the training device) and all their patches are cut in one tensor
-  gather (`pretext.sampling.cut_patches`).
+- Scale augmentation (section 3: "between 150K and 450K total pixels"): the resize stage stores each
+  image once at a canonical size; every visit draws a fresh pixel count uniform in
+  [min_pixels, max_pixels] from the step's generator, as the released code's loader does at each
+  image load (`visit_size`). Grids are planned on that size from the manifest alone, before any
+  decoding; images are decoded once, rescaled to the visit's size (`rescale`: in a DataLoader worker
+  on the CPU, on the training device for CUDA) and all their patches are cut in one tensor gather
+  (`pretext.sampling.cut_patches`).
 - Pairs of all grids are concatenated with their indices OFFSET by the patches before them
   (`pretext.sampling.batch_pairs`): the work is per grid, never per pair.
 """
@@ -20,13 +24,15 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -50,10 +56,17 @@ class BatchSpec:
     max_patches: int = 512  # released code: at most 512 patches per batch
     yoked: bool = False  # Mundhenk et al. 2018 (off in the paper)
     mode: str = "grid"  # "center8": MMSelfSup's layout, for comparison runs
+    # Per-visit pixel count (section 3: 150K..450K, drawn at every load as the released code does);
+    # 0, 0: every visit uses the stored size.
+    min_pixels: int = 0
+    max_pixels: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"BatchSpec.mode={self.mode!r} is not one of {MODES}")
+        if (self.min_pixels, self.max_pixels) != (0, 0) and not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"BatchSpec: need 0 < min_pixels <= max_pixels (or both 0), got "
+                             f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}")
         if self.grids_per_image < 1 or self.max_patches < 1:
             raise ValueError(f"BatchSpec: grids_per_image={self.grids_per_image} and "
                              f"max_patches={self.max_patches} must be >= 1")
@@ -162,15 +175,40 @@ def load_table(manifest: Path, split: str, kinds: dict[str, str] | None = None) 
                       remap[np.frombuffer(groups, dtype=np.int64)[order]], names)
 
 
+def scaled_size(height: int, width: int, pixels: float) -> tuple[int, int]:
+    """(h, w) with the aspect of height x width and about `pixels` pixels (sides rounded; enlarges too)."""
+    s = math.sqrt(pixels / (height * width))
+    return max(1, round(height * s)), max(1, round(width * s))
+
+
+def visit_size(height: int, width: int, spec: BatchSpec, g: torch.Generator) -> tuple[int, int]:
+    """The size of a stored image at this visit: a pixel count uniform in [min_pixels, max_pixels] from `g`."""
+    if not spec.max_pixels:
+        return height, width
+    u = float(torch.rand((), generator=g, dtype=torch.float64))
+    return scaled_size(height, width, spec.min_pixels + u * (spec.max_pixels - spec.min_pixels))
+
+
 def usable(table: ImageTable, spec: BatchSpec) -> tuple[ImageTable, int]:
-    """Images large enough for the smallest grid, and how many were too small (section 3: skipped)."""
-    keep = np.array([spec.fits(int(h), int(w)) for h, w in zip(table.heights, table.widths)], dtype=bool)
+    """Images whose smallest visit size holds the smallest grid, and how many were too small (section 3)."""
+    smallest = [scaled_size(int(h), int(w), spec.min_pixels) if spec.max_pixels else (int(h), int(w))
+                for h, w in zip(table.heights, table.widths)]
+    keep = np.array([spec.fits(h, w) for h, w in smallest], dtype=bool)
     return table.subset(np.flatnonzero(keep)), int((~keep).sum())
 
 
-# A plan: [(image index, [(boxes, pairs, labels) per grid])], decided from image sizes alone.
-Grid = tuple[Tensor, Tensor, Tensor]
-Plan = list[tuple[int, list[Grid]]]
+Grid = tuple[Tensor, Tensor, Tensor]  # (boxes, pairs, labels) of one grid
+
+
+class Visit(NamedTuple):
+    """One image of a batch: its index, its size at this visit (h, w) and its grids on that size."""
+
+    image: int
+    size: tuple[int, int]
+    grids: list[Grid]
+
+
+Plan = list[Visit]  # decided from the manifest's sizes and the generator alone, before any decoding
 
 
 def image_grids(height: int, width: int, spec: BatchSpec, g: torch.Generator) -> list[Grid]:
@@ -186,10 +224,12 @@ def plan_step(table: ImageTable, spec: BatchSpec, g: torch.Generator) -> Plan:
     total = 0
     while True:
         i = int(torch.randint(len(table), (1,), generator=g))
-        grids = image_grids(int(table.heights[i]), int(table.widths[i]), spec, g)
+        size = visit_size(int(table.heights[i]), int(table.widths[i]), spec, g)
+        grids = image_grids(*size, spec, g)
         if not grids:
-            raise ValueError(f"{table.path(i)} ({table.widths[i]}x{table.heights[i]}) is too small for a grid "
-                             f"of {spec.patch} px patches; filter the table with `usable` first")
+            raise ValueError(f"{table.path(i)} ({table.widths[i]}x{table.heights[i]}, {size[1]}x{size[0]} at this "
+                             f"visit) is too small for a grid of {spec.patch} px patches; filter the table with "
+                             f"`usable` first")
         taken = []
         for grid in grids:
             if total + len(grid[0]) > spec.max_patches:
@@ -197,7 +237,7 @@ def plan_step(table: ImageTable, spec: BatchSpec, g: torch.Generator) -> Plan:
             taken.append(grid)
             total += len(grid[0])
         if taken:
-            plan.append((i, taken))
+            plan.append(Visit(i, size, taken))
         if len(taken) < len(grids):
             break
     if not plan:
@@ -207,22 +247,23 @@ def plan_step(table: ImageTable, spec: BatchSpec, g: torch.Generator) -> Plan:
 
 
 def heldout_plans(table: ImageTable, spec: BatchSpec, seed: int, n_images: int) -> list[Plan]:
-    """A fixed evaluation set: `n_images` images (seeded choice), fixed grids, packed into batches."""
+    """A fixed evaluation set: `n_images` images (seeded choice), a fixed scale and grids each, packed."""
     order = torch.randperm(len(table), generator=generator(seed, HELDOUT))[:n_images].tolist()
     plans: list[Plan] = [[]]
     total = 0
     for i in order:
         g = generator(seed, HELDOUT, i)
-        for grid in image_grids(int(table.heights[i]), int(table.widths[i]), spec, g):
+        size = visit_size(int(table.heights[i]), int(table.widths[i]), spec, g)
+        for grid in image_grids(*size, spec, g):
             n = len(grid[0])
             if n > spec.max_patches:
                 raise ValueError(f"one grid of {table.path(i)} has {n} patches > max_patches={spec.max_patches}")
             if total + n > spec.max_patches:
                 plans.append([])
                 total = 0
-            if not plans[-1] or plans[-1][-1][0] != i:
-                plans[-1].append((i, []))
-            plans[-1][-1][1].append(grid)
+            if not plans[-1] or plans[-1][-1].image != i:
+                plans[-1].append(Visit(i, size, []))
+            plans[-1][-1].grids.append(grid)
             total += n
     return [p for p in plans if p]
 
@@ -250,12 +291,21 @@ def decode_images(table: ImageTable, ids: list[int], data: list[Tensor], device:
     return images
 
 
+def rescale(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """A (3, H, W) uint8 image resized to `size` (h, w): antialiased bilinear, on the image's device."""
+    if tuple(image.shape[1:]) == tuple(size):
+        return image
+    x = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
 def assemble(images: list[Tensor], plan: Plan, patch: int) -> dict[str, Tensor]:
-    """Cut every planned patch and concatenate the grids' pairs with offset indices."""
-    grids = [grid for _, image_grids_ in plan for grid in image_grids_]
-    boxes = [torch.cat([b for b, _, _ in gs]) for _, gs in plan]
+    """Rescale each image to its visit's size, cut every planned patch, concatenate pairs with offsets."""
+    images = [rescale(im, visit.size) for im, visit in zip(images, plan)]
+    grids = [grid for visit in plan for grid in visit.grids]
+    boxes = [torch.cat([b for b, _, _ in visit.grids]) for visit in plan]
     counts = [len(b) for b, _, _ in grids]
-    pair_counts = torch.tensor([sum(len(p) for _, p, _ in gs) for _, gs in plan])
+    pair_counts = torch.tensor([sum(len(p) for _, p, _ in visit.grids) for visit in plan])
     return {
         "patches": cut_patches_batch(images, boxes, patch),
         "pairs": batch_pairs([p for _, p, _ in grids], counts),
@@ -264,27 +314,33 @@ def assemble(images: list[Tensor], plan: Plan, patch: int) -> dict[str, Tensor]:
     }
 
 
-def load_plan(table: ImageTable, plan: Plan, patch: int, decode_device: str | None = "cpu") -> dict:
-    """Read (and with a `decode_device`, decode and cut) a plan's images.
+def load_plan(table: ImageTable, plan: Plan, patch: int, decode_device: str | None = "cpu",
+              cut: bool = True) -> dict:
+    """Read (and with a `decode_device`, decode, and with `cut`, rescale and cut) a plan's images.
 
     With decode_device=None the batch carries the JPEG bytes and the plan, for `finish_batch` to decode
-    on the training device (torchvision's GPU decoder).
+    on the training device (torchvision's GPU decoder); with cut=False it carries the decoded images,
+    for `finish_batch` to rescale and cut there.
     """
-    ids = [i for i, _ in plan]
+    ids = [visit.image for visit in plan]
     data = [read_jpeg(table, i) for i in ids]
     batch: dict = {"images": torch.tensor(ids, dtype=torch.int64)}
     if decode_device is None:
         batch.update(jpegs=data, plan=plan)
+    elif not cut:
+        batch.update(decoded=decode_images(table, ids, data, decode_device), plan=plan)
     else:
         batch.update(assemble(decode_images(table, ids, data, decode_device), plan, patch))
     return batch
 
 
 def finish_batch(batch: dict, table: ImageTable, patch: int, device: str | torch.device) -> dict:
-    """Move a batch to `device`; decode there first if it still holds JPEG bytes."""
-    if "jpegs" in batch:
+    """Move a batch to `device`; decode (JPEG bytes), rescale and cut there first if not done yet."""
+    if "jpegs" in batch or "decoded" in batch:
         ids = batch["images"].tolist()
-        out = assemble(decode_images(table, ids, batch["jpegs"], device), batch["plan"], patch)
+        images = (decode_images(table, ids, batch["jpegs"], device) if "jpegs" in batch
+                  else [im.to(device, non_blocking=True) for im in batch["decoded"]])
+        out = assemble(images, batch["plan"], patch)
         out["images"] = batch["images"]
     else:
         out = {k: batch[k] for k in ("patches", "pairs", "labels", "pair_image", "images")}
@@ -296,17 +352,19 @@ class StepBatches(Dataset):
 
     `transform(patches, step)`, if given, replaces the uint8 patches by the network input where the batch
     is made: training on the CPU uses it to preprocess in the workers, off the training process's
-    critical path (the same generator and ops as on the device, so the same numbers).
+    critical path (the same generator and ops as on the device, so the same numbers). With
+    cut_in_worker=False the workers only decode: the device rescales and cuts (`finish_batch`).
     """
 
     def __init__(self, table: ImageTable, spec: BatchSpec, seed: int, rank: int, steps: int,
-                 decode_in_worker: bool = True, transform: Callable[[Tensor, int], Tensor] | None = None):
+                 decode_in_worker: bool = True, transform: Callable[[Tensor, int], Tensor] | None = None,
+                 cut_in_worker: bool = True):
         if len(table) == 0:
             raise ValueError("StepBatches: no usable training images")
-        if transform is not None and not decode_in_worker:
-            raise ValueError("StepBatches: a transform needs decoded patches (decode_in_worker=True)")
+        if transform is not None and not (decode_in_worker and cut_in_worker):
+            raise ValueError("StepBatches: a transform needs cut patches (decode_in_worker and cut_in_worker)")
         self.table, self.spec, self.seed, self.rank, self.steps = table, spec, seed, rank, steps
-        self.decode_in_worker, self.transform = decode_in_worker, transform
+        self.decode_in_worker, self.transform, self.cut_in_worker = decode_in_worker, transform, cut_in_worker
 
     def __len__(self) -> int:
         return self.steps
@@ -315,7 +373,8 @@ class StepBatches(Dataset):
         return plan_step(self.table, self.spec, generator(self.seed, DATA, self.rank, step))
 
     def __getitem__(self, step: int) -> dict:
-        batch = load_plan(self.table, self.plan(step), self.spec.patch, "cpu" if self.decode_in_worker else None)
+        batch = load_plan(self.table, self.plan(step), self.spec.patch, "cpu" if self.decode_in_worker else None,
+                          self.cut_in_worker)
         if self.transform is not None:
             batch["patches"] = self.transform(batch["patches"], step)
         batch["step"] = step

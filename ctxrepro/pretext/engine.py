@@ -6,8 +6,9 @@ subtraction, projection or colour dropping, RMS 50) and optionally shrunk to `in
 CUDA on the GPU after the transfer, on the CPU in the DataLoader workers (the same step-seeded
 generator, so the same numbers, off the training process's critical path). The tower embeds every
 patch once, and the pair head classifies each (first, second) pair into 8 positions with a
-cross-entropy summed (released code) or averaged over pairs. Section 3's optimiser is SGD with high
-momentum (0.999); Adam is an option for tiny runs.
+cross-entropy summed (released code) or averaged over pairs. The optimiser is the released solver's SGD
+(lr 1e-5, momentum 0; section 3's momentum 0.999 would need lr ~1e-8 on the summed loss); Adam is an
+option for tiny runs. `pretext.monitor` watches for the collapse a too-large step causes.
 
 The loop (`train`) resumes from its checkpoint, checks every loss for finiteness before a checkpoint
 can be written, stops on a step budget or a time budget, evaluates held-out pretext accuracy and
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,7 @@ from ctxrepro.pretext.color import PatchAugment, preprocess
 from ctxrepro.pretext.data import (AUGMENT, HELDOUT, INIT, BatchSpec, ImageTable, StepBatches, finish_batch,
                                    heldout_plans, load_plan, make_loader)
 from ctxrepro.pretext.model import build_model
+from ctxrepro.pretext.monitor import Monitor, collapsed, summary
 from ctxrepro.seeds import derive_seed, generator
 
 CHANCE = 1.0 / 8.0
@@ -48,7 +50,7 @@ class OptimConfig:
 
     name: str = "sgd"  # "sgd" (paper) or "adam"
     lr: float = 1e-5  # released solver: fixed 1e-5
-    momentum: float = 0.999  # section 3: "high momentum values (e.g. .999) accelerated learning"
+    momentum: float = 0.0  # released solver: none (Caffe's 0); section 3's 0.999 needs lr ~1e-8 here
     weight_decay: float = 0.0  # released solver: 0
     loss: str = "sum"  # released code: summed over pairs; "mean" averages
     clip_grad: float = 0.0  # max global gradient norm; 0 = off
@@ -68,6 +70,7 @@ class TrainConfig:
     max_seconds: float = 0.0  # training-loop time budget over all resumes; 0 = none
     checkpoint_every: int = 1000
     log_every: int = 100
+    min_live_fraction: float = 0.0  # stop when a watched ReLU's live share falls below it (pretext.monitor)
     amp: str = "bf16"  # CUDA only: "bf16", "fp16" (with a grad scaler) or "none"
     channels_last: bool = True  # CUDA only
     compile: bool = False
@@ -176,7 +179,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, x: Te
 
 @torch.no_grad()
 def evaluate(model: nn.Module, table: ImageTable, cfg: TrainConfig, device: str) -> dict[str, float]:
-    """Held-out pretext accuracy (section 4.6) on a fixed, seeded set of images and grids.
+    """Held-out pretext accuracy (section 4.6) on fixed, seeded images, scales and grids; no downsampling.
 
     Batch norm uses its running statistics (eval mode). With several image groups (the tiny world's
     kinds) each group's accuracy is reported too: real photos lag procedural scenes (METHOD.md).
@@ -186,6 +189,7 @@ def evaluate(model: nn.Module, table: ImageTable, cfg: TrainConfig, device: str)
     correct = torch.zeros(len(table.group_names), dtype=torch.float64)
     counts = torch.zeros_like(correct)
     g = generator(cfg.seed, HELDOUT, AUGMENT, device=device)
+    cfg = replace(cfg, augment=replace(cfg.augment, downsample_prob=0.0))  # no random downsampling here
     channels_last = cfg.channels_last and device.startswith("cuda")
     for plan in heldout_plans(table, cfg.data, cfg.seed, cfg.heldout_images):
         batch = finish_batch(load_plan(table, plan, cfg.data.patch), table, cfg.data.patch, device)
@@ -304,10 +308,11 @@ def _loop(run: _Run, cfg: TrainConfig, table: ImageTable, paths: TrainPaths, dev
           log: logging.Logger, on_log: Callable[[dict], None] | None) -> None:
     """Steps run.step..cfg.steps-1, or until the time budget ends; checkpoints only verified states."""
     step_model = _wrap(run.model, cfg, device, info)
+    monitor = Monitor(run.model)
     prepare = Prepare(cfg, info.rank, device, cfg.channels_last and device.startswith("cuda"))
     on_cpu = device == "cpu"  # CPU: preprocess in the workers; CUDA: on the GPU after the transfer
     dataset = StepBatches(table, cfg.data, cfg.seed, info.rank, cfg.steps, cfg.decode == "worker" or on_cpu,
-                          prepare if on_cpu else None)
+                          prepare if on_cpu else None, cut_in_worker=on_cpu)  # CUDA: rescale + cut on the device
     start = window_start = time.monotonic()
     elapsed = run.seconds
     window: list[Tensor] = []
@@ -328,11 +333,15 @@ def _loop(run: _Run, cfg: TrainConfig, table: ImageTable, paths: TrainPaths, dev
         if save or run.step % cfg.log_every == 0:
             row = _flush(run, window, pairs, time.monotonic() - window_start, device)
             window, pairs, window_start = [], [], time.monotonic()
+            row.update(monitor.read(lambda v: D.all_sum(v) / info.world))
             if info.is_main:
-                log.info("step %d/%d loss %.4f accuracy %.3f %.0f pairs/s", row["step"], cfg.steps,
-                         row["loss"], row["accuracy"], row["pairs_per_second"])
+                log.info("step %d/%d loss %.4f accuracy %.3f %.0f pairs/s; %s", row["step"], cfg.steps,
+                         row["loss"], row["accuracy"], row["pairs_per_second"], summary(row))
                 if on_log is not None:
                     on_log(row)
+            dead = collapsed(row, cfg.min_live_fraction)  # averaged over ranks: all ranks stop together
+            if dead is not None:
+                raise TrainingError(f"collapse at step {run.step}: {dead}; stopping, the last good checkpoint is kept")
         if save:
             _save(run, cfg, paths.state, elapsed, info)
         if done:

@@ -216,8 +216,10 @@ class ContextNet(nn.Module):
 
     def forward(self, patches: Tensor, pairs: Tensor) -> Tensor:
         emb = self.tower(patches)
-        # (Q, 2, D) -> (Q, 2D): [fc6 of first | fc6 of second], as the released Concat layer
-        fused = emb[pairs.to(device=emb.device, dtype=torch.long)].flatten(1)
+        # (Q, 2, D) -> (Q, 2D): [fc6 of first | fc6 of second], as the released Concat layer. index_select, not
+        # emb[pairs]: the latter's backward (index_put with accumulate) is not bit-reproducible on several CPU threads.
+        rows = pairs.to(device=emb.device, dtype=torch.long).flatten()
+        fused = torch.index_select(emb, 0, rows).view(len(pairs), -1)
         return self.head(fused)
 
 
