@@ -27,7 +27,7 @@ def param(default: Any, *, min: float | None = None, max: float | None = None,
     if isinstance(default, list):
         default = tuple(default)
     meta = {"min": min, "max": max, "choices": tuple(choices) if choices is not None else None, "help": help}
-    if dataclasses.is_dataclass(default):
+    if dataclasses.is_dataclass(default) or isinstance(default, dict):
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 

@@ -226,9 +226,11 @@ def test_pretrain_stage_writes_metrics_weights_and_dvclive(data, tmp_path, monke
                              max_patches=40, color="drop", optimizer="adam", lr=1e-3, loss="mean", steps=4,
                              checkpoint_every=2, log_every=2, heldout_images=3, workers=0)
     pretrain.run(params, StageContext(BaseParams(seed=1), "cpu", LOG, root=root))
-    metrics = json.loads((root / "metrics" / "pretrain.json").read_text())
-    assert metrics["steps"] == 4 and metrics["chance"] == 0.125
-    assert (root / "models" / "pretrain.pt").is_file() and (root / "models" / "pretrain_state" / "last.pt").is_file()
-    rows = (root / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    metrics = json.loads((root / "metrics" / "pretrain" / "color_dropping.json").read_text())
+    assert metrics["steps"] == 4 and metrics["chance"] == 0.125 and metrics["variant"] == "color_dropping"
+    assert (root / "models" / "pretrain" / "color_dropping.pt").is_file()
+    assert (root / "models" / "pretrain_state" / "color_dropping" / "last.pt").is_file()
+    rows = (root / "dvclive" / "pretrain" / "color_dropping" / "plots" / "metrics" / "train" / "loss.tsv"
+            ).read_text().splitlines()
     assert rows[0].split("\t")[:2] == ["step", "loss"] and [r.split("\t")[0] for r in rows[1:]] == ["2", "4"]
 
