@@ -17,6 +17,7 @@ from ctxrepro.pretext.model import ContextNet
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.transfer.convert import (CropSet, convert, fold_batchnorms, fold_bn_, load_pretext_tower, log_mapping,
                                        sample_crops, set_input_norm, transfer_tower)
+from ctxrepro.transfer.caffenet import load_converted
 from ctxrepro.transfer.rescale import RescaleConfig
 from ctxrepro.transfer.trunk import (FORMAT, Trunk, TrunkSpec, build_trunk, fc_to_conv, load_checkpoint, load_trunk,
                                      save_checkpoint)
@@ -205,12 +206,13 @@ def test_plain_state_dict_with_wrong_shapes_names_the_key(tmp_path):
 
 
 def write_world(root, n_images=11):
-    """A pretrain export and a VOC2007 trainval folder of JPEGs, in the stage's fixed locations."""
+    """A pretrain export (variant color_dropping) and a VOC2007 trainval folder of JPEGs, in the stage's fixed
+    locations."""
     net = tiny_net()
-    (root / "models").mkdir()
+    (root / "models" / "pretrain").mkdir(parents=True)
     torch.save({"model": net.state_dict(), "step": 7,
                 "config": {"tower": "small", "patch": 48, "sample_patch": 48, "gap": 24, "jitter": 5,
-                           "color": "projection"}}, root / "models" / "pretrain.pt")
+                           "color": "projection"}}, root / "models" / "pretrain" / "color_dropping.pt")
     devkit = root / "data" / "raw" / "voc2007" / "VOCdevkit" / "VOC2007"
     (devkit / "JPEGImages").mkdir(parents=True)
     (devkit / "ImageSets" / "Main").mkdir(parents=True)
@@ -223,40 +225,73 @@ def write_world(root, n_images=11):
     return net
 
 
+def stage_params(init, **changes):
+    from stages.convert import Params, Row
+
+    rows = {f"color_dropping-{i}": Row("color_dropping", i) for i in
+            ("scratch", "ours", "imagenet", "kmeans_rescale", "ours_rescale", "imagenet_rescale")}
+    base = dict(row=f"color_dropping-{init}", rows=rows, fit_images=9, heldout_images=2, crops_per_image=4,
+                input_side=64, conv6b=8, fc7=12, fc6=10, roi_pool={"small": 3}, kmeans_samples=3000, kmeans_iters=5,
+                calib_crops=16, calib_draws=2, batch=32, imagenet_weights="models/imagenet_tower.pt")
+    return Params(**{**base, **changes})
+
+
 @pytest.mark.slow
-def test_convert_stage_writes_every_init(tmp_path):
-    from stages.convert import Params, run
+@pytest.mark.parametrize("init,network", [("ours", "figure6"), ("scratch", "figure6"), ("imagenet", "figure6"),
+                                          ("ours_rescale", "caffenet"), ("kmeans_rescale", "caffenet"),
+                                          ("imagenet_rescale", "caffenet")])
+def test_convert_stage_writes_one_row(tmp_path, init, network):
+    from stages.convert import run
 
     net = write_world(tmp_path)
-    params = Params(fit_images=9, heldout_images=2, crops_per_image=4, input_side=64, conv6b=8, fc7=12,
-                    kmeans_samples=3000, kmeans_iters=5, calib_crops=16, calib_draws=2, batch=32,
-                    imagenet_weights="models/imagenet_tower.pt")
-    run(params, StageContext(base=BaseParams(seed=1), device="cpu", log=LOG, root=tmp_path))
-    metrics = json.loads((tmp_path / "metrics" / "convert.json").read_text())
-    assert sorted(p.name for p in (tmp_path / "models" / "convert").iterdir()) == \
-        ["imagenet.pt", "kmeans_rescale.pt", "ours.pt", "ours_rescale.pt", "scratch.pt"]
+    run(stage_params(init), StageContext(base=BaseParams(seed=1), device="cpu", log=LOG, root=tmp_path))
+    row = f"color_dropping-{init}"
+    metrics = json.loads((tmp_path / "metrics" / "convert" / f"{row}.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "models" / "convert").iterdir()) == [f"{row}.pt"]
+    assert (metrics["row"], metrics["variant"], metrics["init"], metrics["network"]) == \
+        (row, "color_dropping", init, network)
     # 11 images, all drawn; the PNG named .jpg is counted, not decoded: 10 images x 4 crops remain
     assert metrics["bad_images"] == 1 and metrics["fit_crops"] + metrics["heldout_crops"] == 40
-    assert metrics["pool5_side"] == 4
-    for init in ("ours_rescale", "kmeans_rescale", "imagenet"):
-        assert metrics["inits"][init]["calibration"]["converged"]
-    ours = load_checkpoint(tmp_path / "models" / "convert" / "ours.pt")
-    assert ours.source["step"] == 7 and ours.trunk.spec.color == "projection"
-    # folding only rescales: conv1's filters stay parallel to the pretrained ones
-    w0, w1 = net.tower.conv1.weight.flatten(1), ours.trunk.body.conv1.weight.flatten(1)
-    cos = torch.nn.functional.cosine_similarity(w0, w1, dim=1)
-    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
-    assert np.isfinite(metrics["inits"]["ours"]["fold_heldout"]["conv6"]["std_mean"])
+    assert metrics["pool5_side"] == (4 if network == "figure6" else 3)
+    loaded = load_converted(tmp_path / "models" / "convert" / f"{row}.pt")
+    assert loaded.network == network and loaded.init == init and loaded.source["variant"] == "color_dropping"
+    if init.endswith("rescale"):
+        assert metrics["stats"]["calibration"]["converged"]
+    if init == "ours":
+        assert loaded.source["step"] == 7 and loaded.trunk.spec.color == "projection"
+        # folding only rescales: conv1's filters stay parallel to the pretrained ones
+        w0, w1 = net.tower.conv1.weight.flatten(1), loaded.trunk.body.conv1.weight.flatten(1)
+        cos = torch.nn.functional.cosine_similarity(w0, w1, dim=1)
+        assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+        assert np.isfinite(metrics["stats"]["fold_heldout"]["conv6"]["std_mean"])
 
 
 def test_stage_errors_name_the_problem(tmp_path):
-    from stages.convert import Params, run
+    from stages.convert import run
 
     ctx = StageContext(base=BaseParams(seed=1), device="cpu", log=LOG, root=tmp_path)
-    with pytest.raises(StageError, match=r"pretrain\.pt: no such weights file"):
-        run(Params(), ctx)
+    with pytest.raises(StageError, match=r"pretrain/color_dropping\.pt: no such weights file.*pretrain@color_dropping"):
+        run(stage_params("ours"), ctx)
     write_world(tmp_path)
-    small = Params(fit_images=2, heldout_images=1, crops_per_image=1, input_side=48, inits=("scratch",))
-    with pytest.raises(StageError, match=r"convert \(scratch\): input_side 48 gives conv6b 1x1"):
+    small = stage_params("scratch", fit_images=2, heldout_images=1, crops_per_image=1, input_side=48)
+    with pytest.raises(StageError, match=r"convert \(color_dropping-scratch\): input_side 48 gives conv6b 1x1"):
         run(small, ctx)
+    with pytest.raises(StageError, match=r"init imagenet needs ImageNet weights: set convert.imagenet_weights"):
+        run(stage_params("imagenet", imagenet_weights=""), ctx)
     assert not (tmp_path / "models" / "convert").exists()  # outputs complete or absent
+
+
+def test_rows_are_named_variant_dash_init():
+    from ctxrepro.config import ParamsError, parse_dataclass
+    from stages.convert import Params
+
+    good = {"row": "vgg16-ours", "rows": {"vgg16-ours": {"variant": "vgg16", "init": "ours"}}}
+    assert parse_dataclass(Params, good, "convert").rows["vgg16-ours"].variant == "vgg16"
+    with pytest.raises(ParamsError, match=r"convert.rows.vgg-ours: a row is named '<variant>-<init>'"):
+        parse_dataclass(Params, {"row": "vgg-ours", "rows": {"vgg-ours": {"variant": "vgg16", "init": "ours"}}},
+                        "convert")
+    with pytest.raises(ParamsError, match=r"convert.row 'x-ours' is not one of convert.rows: vgg16-ours"):
+        parse_dataclass(Params, {**good, "row": "x-ours"}, "convert")
+    with pytest.raises(ParamsError, match=r"'rescale' is not allowed"):
+        parse_dataclass(Params, {"row": "a-rescale", "rows": {"a-rescale": {"variant": "a", "init": "rescale"}}},
+                        "convert")
