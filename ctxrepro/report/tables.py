@@ -254,6 +254,8 @@ def table2(run: RunData) -> list[str]:
         elif init in inits:
             m = run.metrics[f"normals/{init}"]
             rows.append((f"`{init}` (ours)", *(fixed(m.get(k)) for k in keys)))
+        elif init.endswith("-imagenet") and tiny_world(run, ("imagenet",)):
+            rows.append((f"`{init}` (ours)", "skipped: no ImageNet labels in the tiny world", *[DASH] * 5))
         else:
             rows.append((f"`{init}` (ours)", NOT_RUN, *[DASH] * 5))
     for init in inits:
