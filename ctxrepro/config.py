@@ -135,6 +135,8 @@ def parse_dataclass(cls: type, data: Any, section: str) -> Any:
         values[name] = coerced
     try:
         obj = cls(**values)
+    except ParamsError:  # a nested section's own message already names its key
+        raise
     except (TypeError, ValueError) as e:
         raise ParamsError(f"section '{section}': {e}") from e
     return obj

@@ -234,3 +234,37 @@ def test_pretrain_stage_writes_metrics_weights_and_dvclive(data, tmp_path, monke
             ).read_text().splitlines()
     assert rows[0].split("\t")[:2] == ["step", "loss"] and [r.split("\t")[0] for r in rows[1:]] == ["2", "4"]
 
+
+
+def test_pretrain_variants_override_the_section_and_are_checked():
+    from ctxrepro.config import ParamsError, parse_dataclass
+    from stages.pretrain import Params, resolve_variant
+
+    section = {"tower": "small", "steps": 100, "color": "drop",
+               "variants": {"color_dropping": {}, "projection": {"color": "projection", "steps": 50},
+                            "vgg16": {"tower": "vgg16", "width": 4, "fc_dim": 32}}}
+    p = parse_dataclass(Params, {**section, "variant": "projection"}, "pretrain")
+    proj = resolve_variant(p, p.variant)
+    assert (proj.variant, proj.color, proj.steps, proj.tower, proj.variants) == ("projection", "projection", 50,
+                                                                                 "small", {})
+    vgg = resolve_variant(p, "vgg16")
+    assert (vgg.tower, vgg.width, vgg.fc_dim, vgg.color, vgg.steps) == ("vgg16", 4, 32, "drop", 100)
+    assert resolve_variant(p, "color_dropping") == replace(p, variant="color_dropping", variants={})
+    with pytest.raises(ParamsError, match=r"section 'pretrain.variants.vgg16': unknown key 'towr'"):
+        parse_dataclass(Params, {**section, "variants": {"vgg16": {"towr": "vgg16"}}, "variant": "vgg16"}, "pretrain")
+    with pytest.raises(ParamsError, match=r"pretrain.variants.vgg16.color: 'blue' is not allowed"):
+        parse_dataclass(Params, {**section, "variants": {"vgg16": {"color": "blue"}}, "variant": "vgg16"}, "pretrain")
+    with pytest.raises(ParamsError, match=r"pretrain.variant 'nope' is not one of pretrain.variants"):
+        parse_dataclass(Params, {**section, "variant": "nope"}, "pretrain")
+    with pytest.raises(ParamsError, match=r"'variants' cannot be overridden by a variant"):
+        parse_dataclass(Params, {**section, "variants": {"a": {"variants": {}}}, "variant": "a"}, "pretrain")
+
+
+def test_a_narrow_vgg_export_round_trips_with_its_width(tmp_path):
+    from ctxrepro.pretext.export import load_pretrained
+
+    cfg = TrainConfig(tower="vgg16", width=4, fc_dim=32, input_size=32)
+    net = build_model("vgg16", 32, 4, 32)
+    engine.export_weights(tmp_path / "v.pt", net, cfg, 3)
+    pre = load_pretrained(tmp_path / "v.pt")
+    assert pre.model.tower.conv1_1.out_channels == 4 and pre.model.feature_dim == 32 and pre.step == 3
