@@ -59,6 +59,7 @@ def test_running_stat_fold_keeps_the_towers_conv_layers():
     assert {ops[f"fc.{n}.weight"] for n in ("fc6", "fc7", "fc8")} == {"new:kmeans"}  # pretext fc6 discarded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["ours_rescale", "kmeans_rescale"])
 def test_rescale_rows_converge_and_round_trip(tmp_path, init):
     t = tower() if init == "ours_rescale" else None
@@ -77,6 +78,7 @@ def test_rescale_rows_converge_and_round_trip(tmp_path, init):
     assert net(x).shape == (2, 5)
 
 
+@pytest.mark.slow
 def test_fitting_pretrained_fc6_is_kept_only_when_asked():
     t = tower(fc_dim=SPEC.fc6)  # 48 px: pool5 3x3 = the RoI grid, so fc6 fits CaffeNet's
     kept, mapping, stats = convert_caffenet("imagenet_rescale", SPEC, t, True, crops(), "images", 50.0, CFG, 0, LOG)

@@ -17,7 +17,7 @@ from ctxrepro.pretext.model import ContextNet
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.transfer.convert import (CropSet, convert, fold_batchnorms, fold_bn_, load_pretext_tower, log_mapping,
                                        sample_crops, set_input_norm, transfer_tower)
-from ctxrepro.transfer.caffenet import load_converted
+from ctxrepro.transfer.caffenet import CaffeNetSpec, convert_caffenet, load_converted
 from ctxrepro.transfer.rescale import RescaleConfig
 from ctxrepro.transfer.trunk import (FORMAT, Trunk, TrunkSpec, build_trunk, fc_to_conv, load_checkpoint, load_trunk,
                                      save_checkpoint)
@@ -158,16 +158,17 @@ def make_cropset(side, n_fit=64, n_held=24, seed=0):
     return CropSet(fit, held, fit[:16])
 
 
-@pytest.mark.parametrize("init", ["ours_rescale", "kmeans_rescale"])
-def test_rescaled_inits_converge_and_round_trip(tmp_path, init):
+@pytest.mark.parametrize("init", ["ours", "scratch"])
+def test_figure6_inits_round_trip_without_rescaling(tmp_path, init):
     net = tiny_net()
     spec = spec_for(net, input_side=64)
-    cfg = RescaleConfig(kmeans_samples=3000, kmeans_iters=5, batch=32, calib_draws=2)
-    tower = net.tower if init == "ours_rescale" else None
+    cfg = RescaleConfig(batch=32)
+    tower = net.tower if init == "ours" else None
     trunk, head, mapping, stats = convert(init, spec, tower, make_cropset(64), "images", 50.0, cfg, 3, LOG)
-    assert stats["calibration"]["converged"] and stats["calibration"]["spread"] < 0.01
+    assert "calibration" not in stats and "within" not in stats  # the R-CNN-style rows are not rescaled
     news = {e["target"]: e["op"] for e in mapping if e["source"] == "-"}
-    assert news["trunk.top.conv6b.weight"].startswith("new:") and "head.seq.fc8.weight" in news
+    assert set(news.values()) == {"new:xavier"} and "head.seq.fc8.weight" in news
+    assert ("trunk.body.conv1.weight" in news) == (init == "scratch")
     path = tmp_path / f"{init}.pt"
     save_checkpoint(path, trunk, head, init, mapping, None, stats)
     loaded = load_checkpoint(path)
@@ -175,16 +176,19 @@ def test_rescaled_inits_converge_and_round_trip(tmp_path, init):
     with torch.no_grad():
         assert torch.equal(load_trunk(path)(x), trunk(x))
         assert torch.equal(loaded.head(loaded.trunk(x)), head(trunk(x)))
-    assert loaded.init == init and loaded.trunk.spec == replace(spec, color="none")
+    assert loaded.init == init and loaded.network == "figure6"
+    assert loaded.trunk.spec == (spec if init == "ours" else replace(spec, color="none"))
+    with pytest.raises(ValueError, match=r"init 'ours_rescale' builds the caffenet network"):
+        convert("ours_rescale", spec, tower, make_cropset(64), "images", 50.0, cfg, 3, LOG)
 
 
 def test_convert_is_deterministic_for_a_seed():
     net = tiny_net()
-    spec = spec_for(net, input_side=64)
+    spec = CaffeNetSpec(tower="small", width=4, roi_pool=3, fc6=10, fc7=12, input_side=64)
     cfg = RescaleConfig(kmeans_samples=2000, kmeans_iters=3, batch=32, calib_draws=1)
     crops = make_cropset(64)
-    a = convert("kmeans_rescale", spec, None, crops, "images", 50.0, cfg, 5, LOG)[0].state_dict()
-    b = convert("kmeans_rescale", spec, None, crops, "images", 50.0, cfg, 5, LOG)[0].state_dict()
+    a = convert_caffenet("ours_rescale", spec, net.tower, False, crops, "images", 50.0, cfg, 5, LOG)[0].state_dict()
+    b = convert_caffenet("ours_rescale", spec, net.tower, False, crops, "images", 50.0, cfg, 5, LOG)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
