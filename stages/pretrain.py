@@ -91,7 +91,8 @@ def train_config(p: Params, seed: int) -> TrainConfig:
         data=BatchSpec(p.patch, p.gap, p.jitter, p.grids_per_image, p.max_patches, p.yoked, p.grid_mode),
         augment=PatchAugment.for_patch(p.patch, color=p.color, downsample_prob=p.downsample_prob),
         optim=OptimConfig(p.optimizer, p.lr, p.momentum, p.weight_decay, p.loss, p.clip_grad),
-        tower=p.tower, width=p.width or None, fc_dim=p.fc_dim or None, input_size=p.input_size, seed=seed, steps=p.steps, max_seconds=p.max_seconds,
+        tower=p.tower, width=p.width or None, fc_dim=p.fc_dim or None, input_size=p.input_size, seed=seed,
+        steps=p.steps, max_seconds=p.max_seconds,
         checkpoint_every=p.checkpoint_every, log_every=p.log_every, amp=p.amp, channels_last=p.channels_last,
         compile=p.compile, heldout_images=p.heldout_images, workers=p.workers, decode=p.decode)
 
