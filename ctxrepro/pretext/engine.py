@@ -355,8 +355,8 @@ def export_weights(path: Path, model: nn.Module, cfg: TrainConfig, step: int) ->
     """The stage's out: the state dict and what `model.build_model` needs to rebuild the network."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save({"model": state, "step": step,
-                       "config": {"tower": cfg.tower, "width": cfg.width, "fc_dim": cfg.fc_dim, "patch": cfg.net_size, "sample_patch": cfg.data.patch,
-                                  "gap": cfg.data.gap, "jitter": cfg.data.jitter, "color": cfg.augment.color}},
+                       "config": {"tower": cfg.tower, "width": cfg.width, "fc_dim": cfg.fc_dim, "patch": cfg.net_size,
+                                  "sample_patch": cfg.data.patch, "gap": cfg.data.gap, "jitter": cfg.data.jitter, "color": cfg.augment.color}},
                       path)
 
 
