@@ -52,7 +52,7 @@ def param(default: Any, *, min: float | None = None, max: float | None = None,
         default = tuple(default)
     meta = {"min": min, "max": max, "choices": tuple(choices) if choices is not None else None,
             "nonfinite": nonfinite, "help": help}
-    if dataclasses.is_dataclass(default):
+    if dataclasses.is_dataclass(default) or isinstance(default, dict):
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
@@ -163,6 +163,8 @@ def parse_dataclass(cls: type, data: Any, section: str) -> Any:
         values[name] = coerced
     try:
         obj = cls(**values)
+    except ParamsError:  # a nested section's own message already names its key
+        raise
     except (TypeError, ValueError) as e:
         raise ParamsError(f"section '{section}': {e}") from e
     return obj

@@ -1,4 +1,4 @@
-"""Pretext tower -> Figure 6 detection network: BN folding, fc6 -> conv6, rescale inits (section 4.3)."""
+"""Pretext tower -> one Table 1 row's network: Figure 6 (BN folded, fc6 -> conv6) or CaffeNet + rescale (section 4.3)."""
 
 from __future__ import annotations
 
@@ -13,27 +13,39 @@ import torch
 from ctxrepro.config import param
 from ctxrepro.data.images import JunkImage, decode_rgb, open_jpeg
 from ctxrepro.data.voc import read_image_set
-from ctxrepro.io import atomic_dir, atomic_write_json
+from ctxrepro.io import atomic_write_json
 from ctxrepro.pretext.data import read_manifest
+from ctxrepro.pretext.model import conv_output
 from ctxrepro.progress import track
 from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
+from ctxrepro.transfer.caffenet import CaffeNetSpec, convert_caffenet, save_caffenet
 from ctxrepro.transfer.convert import INITS, CropSet, convert, load_pretext_tower, log_mapping, sample_crops
-from ctxrepro.transfer.imagenet import imagenet_spec, load_imagenet
+from ctxrepro.transfer.imagenet import TORCHVISION, TOWER_OF, load_imagenet
 from ctxrepro.transfer.rescale import RescaleConfig
-from ctxrepro.transfer.trunk import TrunkSpec, save_checkpoint
+from ctxrepro.transfer.trunk import TrunkSpec, body_layers, save_checkpoint
 
-PRETRAIN = Path("models/pretrain.pt")
-OUT_DIR = Path("models/convert")
-METRICS = Path("metrics/convert.json")
+PRETRAIN = Path("models/pretrain")  # <variant>.pt
+OUT_DIR = Path("models/convert")  # <row>.pt
+METRICS = Path("metrics/convert")  # <row>.json
 VOC2007 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
 RESIZED = Path("data/resized")
 CONVERT_SEED = 40  # purpose keys of derive_seed: (seed, 40, 0) crops, (seed, 40, 1, i) the i-th init
-DEFAULT_INITS = ("scratch", "ours", "ours_rescale", "kmeans_rescale")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One Table 1 row we build: the pretrain variant (its weights, or only its tower's shape) and the init."""
+
+    variant: str = param("color_dropping", help="models/pretrain/<variant>.pt")
+    init: str = param("ours", choices=tuple(INITS), help="the paper's init name (section 4.3)")
 
 
 @dataclass(frozen=True)
 class Params:
+    row: str = param("color_dropping-ours", help="the row to convert: a key of `rows` (the dvc.yaml foreach item)")
+    rows: dict[str, Row] = param({"color_dropping-ours": Row()},
+                                 help="Table 1 rows: '<variant>-<init>' -> {variant, init}; detect runs the same")
     images: str = param("voc2007", choices=("voc2007", "resized"),
                         help="real images for statistics: VOC 2007 trainval, or the resized pretraining images")
     fit_images: int = param(2500, min=1, help="images whose crops estimate BN statistics and new-layer inits")
@@ -42,7 +54,10 @@ class Params:
     min_crop: float = param(0.3, min=0.01, max=1.0, help="smallest crop side, as a fraction of the shorter side")
     input_side: int = param(227, min=16, help="Figure 6: 227 px inputs give pool5 7x7")
     conv6b: int = param(1024, min=1, help="Figure 6: conv6b 1x1, 1024")
-    fc7: int = param(4096, min=1, help="Figure 6: fc7 4096")
+    fc7: int = param(4096, min=1, help="Figure 6 and CaffeNet: fc7 4096")
+    fc6: int = param(4096, min=1, help="CaffeNet (rescale rows): fc6 4096")
+    roi_pool: dict[str, int] = param({"alexnet": 6, "vgg16": 7},
+                                     help="CaffeNet's RoI grid per tower: 6x6 for AlexNet, 7x7 for VGG-16")
     classes: int = param(21, min=2, help="fc8 outputs: 20 VOC classes + background")
     bn_stats: str = param("images", choices=("images", "running"),
                           help="fold BN with statistics re-estimated on the images, or with its running averages")
@@ -56,10 +71,17 @@ class Params:
     calib_iters: int = param(10, min=0, help="rescalings at most (METHOD.md: 10)")
     calib_tol: float = param(0.01, min=0.0, help="stop when all ratios are within this of their geometric mean (1%)")
     batch: int = param(64, min=1, help="crops per forward pass")
-    inits: tuple[str, ...] = param(DEFAULT_INITS, choices=DEFAULT_INITS, help="initialisations to write")
-    imagenet_weights: str = param("", help="ImageNet-supervised weights -> imagenet.pt: 'torchvision' (its published "
-                                  "weights, downloaded once), 'torchvision:alexnet|vgg16', or a state dict file in "
-                                  "torchvision's or our tower's layout; '' skips")
+    imagenet_weights: str = param("", help="ImageNet-supervised weights for the imagenet and imagenet_rescale inits: "
+                                  "'torchvision' (its published weights, downloaded once), 'torchvision:alexnet|vgg16', "
+                                  "or a state dict file in torchvision's or our tower's layout; '' = no ImageNet rows")
+
+    def __post_init__(self) -> None:
+        for name, row in self.rows.items():
+            if name != f"{row.variant}-{row.init}":
+                raise ValueError(f"convert.rows.{name}: a row is named '<variant>-<init>', here "
+                                 f"'{row.variant}-{row.init}' (metrics/detect/<row>.json pairs it with Table 1)")
+        if self.row not in self.rows:
+            raise ValueError(f"convert.row {self.row!r} is not one of convert.rows: {', '.join(self.rows)}")
 
 
 def list_images(root: Path, source: str) -> list[Path]:
@@ -132,68 +154,108 @@ def _metrics(stats: dict) -> dict:
     return out
 
 
-def plan(params: Params, root: Path, log: logging.Logger) -> tuple[dict, dict, dict]:
-    """{init: network spec}, {init: tower or None} and {init: provenance}; the spec comes from the pretrain
-    export, or from torchvision's network for the ImageNet init."""
+def load_weights(params: Params, row: Row, root: Path, log: logging.Logger
+                 ) -> tuple[torch.nn.Sequential, torch.nn.Sequential | None, dict, dict]:
+    """The network's shape (a tower and its config: the variant's, or ImageNet's for the ImageNet rows), the
+    row's pretrained tower (None for scratch / kmeans_rescale) and the provenance of its weights."""
+    path = PRETRAIN / f"{row.variant}.pt"
     try:
-        tower, config = load_pretext_tower(root / PRETRAIN)
+        tower, config = load_pretext_tower(root / path)
     except (OSError, ValueError) as e:
-        raise StageError(f"convert: {e} (run `dvc repro pretrain`)") from e
-    spec = TrunkSpec(tower=config["tower"], width=config["width"], conv6=tower.fc6.out_features,
-                     conv6_kernel=_pool5_side(tower), conv6b=params.conv6b, fc7=params.fc7, classes=params.classes,
-                     input_side=params.input_side,
-                     color="projection" if config.get("color") == "projection" else "none")
-    jobs = {init: tower if INITS[init][0] else None for init in params.inits}
-    if not jobs and not params.imagenet_weights:
-        raise StageError("convert: convert.inits is empty and no imagenet_weights given: nothing to write")
-    sources = {init: {"path": str(PRETRAIN), "step": config["step"], "config": config} for init in jobs if jobs[init]}
-    specs = {init: spec for init in jobs}
-    if params.imagenet_weights:
-        jobs["imagenet"], specs["imagenet"], sources["imagenet"] = _imagenet(params.imagenet_weights, spec, config,
-                                                                            root, log)
-    else:
-        log.info("imagenet.pt skipped: convert.imagenet_weights is empty (weights are never downloaded)")
-    return specs, jobs, sources
+        raise StageError(f"convert: {e} (run `dvc repro pretrain@{row.variant}`)") from e
+    weights = INITS[row.init].weights
+    if weights == "ours":
+        return tower, tower, config, {"path": str(path), "variant": row.variant, "step": config["step"],
+                                      "config": config}
+    if weights is None:
+        return tower, None, config, {"path": str(path), "variant": row.variant, "shape_only": True, "config": config}
+    if not params.imagenet_weights:
+        raise StageError(f"convert ({params.row}): init {row.init} needs ImageNet weights: set "
+                         f"convert.imagenet_weights, or drop the row from convert.rows")
+    return _imagenet(params.imagenet_weights, tower, config, root, log)
 
 
-def _imagenet(source: str, spec: TrunkSpec, config: dict, root: Path, log: logging.Logger):
-    """(tower, spec, provenance) of convert.imagenet_weights: torchvision's weights, or a state dict file in
-    torchvision's or in our tower's layout."""
+def _imagenet(source: str, tower: torch.nn.Sequential, config: dict, root: Path, log: logging.Logger):
+    """(shape tower, weights, config, provenance) of convert.imagenet_weights: torchvision's network (its own
+    shape, input normalisation and fc7, which VGG-ImageNet-rescale keeps), or a state dict in our tower layout."""
     try:
         net = load_imagenet(source, config["tower"], root, log)
-        if net is not None:
-            return net.tower, imagenet_spec(net, spec), net.source
-        path = Path(source) if Path(source).is_absolute() else root / source
-        tower, _ = load_pretext_tower(path, like=config)
+        if net is None:
+            path = Path(source) if Path(source).is_absolute() else root / source
+            imagenet, _ = load_pretext_tower(path, like=config)
+            return tower, imagenet, config, {"path": source, "step": None, "config": None}
     except (OSError, ValueError) as e:
         raise StageError(f"convert.imagenet_weights: {e}") from e
-    return tower, spec, {"path": source, "step": None, "config": None}
+    if "fc7.weight" in net.classifier:
+        fc7 = torch.nn.Linear(net.classifier["fc7.weight"].shape[1], net.classifier["fc7.weight"].shape[0])
+        fc7.load_state_dict({"weight": net.classifier["fc7.weight"], "bias": net.classifier["fc7.bias"]})
+        net.tower.add_module("fc7", fc7)  # read by caffenet's _copy_fc; the tower is never run past pool5
+    convs = [m for m in net.tower if isinstance(m, torch.nn.Conv2d)]
+    shape = {**config, "tower": TOWER_OF[net.arch], "width": convs[0].out_channels, "color": TORCHVISION}
+    return net.tower, net.tower, shape, net.source
+
+
+def figure6_spec(params: Params, tower: torch.nn.Sequential, config: dict, log: logging.Logger) -> TrunkSpec:
+    """Figure 6's sizes on the tower. conv6's kernel is pool5's side at the pretraining input (3 for 96 px
+    patches; 6 for torchvision's AlexNet, trained at 224 px), and pool6 needs conv6's output to be at least 3x3:
+    where `input_side` is too small for that (torchvision's networks at 227 px), it is raised, and logged."""
+    kernel = _pool5_side(tower)
+    side = params.input_side
+    body, pool5 = body_layers(config["tower"], config["width"])
+    while conv_output([*body, ("pool5", pool5)], side)[1] < kernel + 2:
+        side += 1
+    if side != params.input_side:
+        log.info("%s tower: conv6 %dx%d needs pool5 >= %d: input_side %d -> %d", config["tower"], kernel, kernel,
+                 kernel + 2, params.input_side, side)
+    return TrunkSpec(tower=config["tower"], width=config["width"], conv6=tower.fc6.out_features,
+                     conv6_kernel=kernel, conv6b=params.conv6b, fc7=params.fc7, classes=params.classes,
+                     input_side=side, color=_color(config))
+
+
+def caffenet_spec(params: Params, config: dict) -> CaffeNetSpec:
+    if config["tower"] not in params.roi_pool:
+        raise StageError(f"convert.roi_pool has no grid for the {config['tower']} tower: add it")
+    return CaffeNetSpec(tower=config["tower"], width=config["width"], roi_pool=params.roi_pool[config["tower"]],
+                        fc6=params.fc6, fc7=params.fc7, classes=params.classes, input_side=params.input_side,
+                        color=_color(config))
+
+
+def _color(config: dict) -> str:
+    return config["color"] if config.get("color") in ("projection", TORCHVISION) else "none"
 
 
 def run(params: Params, ctx: StageContext) -> None:
     root, log, seed = ctx.root, ctx.log, ctx.base.seed
-    specs, jobs, sources = plan(params, root, log)
+    row = params.rows[params.row]
+    init = INITS[row.init]
+    shape_tower, weights, config, source = load_weights(params, row, root, log)
     crops, bad = make_crops(root, params, seed, log)
-    metrics = {"inits": {}, "seconds": {}, "bad_images": len(bad), "fit_crops": len(crops.fit),
-               "heldout_crops": len(crops.heldout), "calib_crops": len(crops.calib), "bn_stats": params.bn_stats,
-               "imagenet": "converted" if params.imagenet_weights else "skipped: no imagenet_weights given"}
-    with atomic_dir(root / OUT_DIR) as out:
-        for init, weights in jobs.items():
-            start = time.monotonic()
-            index = list(INITS).index(init)
-            try:
-                trunk, head, mapping, stats = convert(init, specs[init], weights, crops, params.bn_stats, params.rms,
-                                                      rescale_config(params), derive_seed(seed, CONVERT_SEED, 1, index),
-                                                      log, ctx.device)
-            except ValueError as e:  # e.g. an input_side too small for conv6 / pool6
-                raise StageError(f"convert ({init}): {e}") from e
-            log_mapping(mapping, log, init)
-            save_checkpoint(out / f"{init}.pt", trunk, head, init, mapping, sources.get(init), stats)
-            metrics["inits"][init] = _metrics(stats)
-            metrics["seconds"][init] = round(time.monotonic() - start, 2)
-            metrics.update(pool5_side=trunk.pool5_side, conv5_stride=trunk.conv5_stride)
-            log.info("%s: written in %.1f s", init, metrics["seconds"][init])
-    atomic_write_json(root / METRICS, metrics)
+    start = time.monotonic()
+    row_seed = derive_seed(seed, CONVERT_SEED, 1, list(INITS).index(row.init))
+    out = root / OUT_DIR / f"{params.row}.pt"
+    try:
+        if init.network == "figure6":
+            spec = figure6_spec(params, shape_tower, config, log)
+            trunk, head, mapping, stats = convert(row.init, spec, weights, crops, params.bn_stats, params.rms,
+                                                  rescale_config(params), row_seed, log, ctx.device)
+            log_mapping(mapping, log, params.row)
+            save_checkpoint(out, trunk, head, row.init, mapping, source, stats)
+            shape = {"pool5_side": trunk.pool5_side, "conv5_stride": trunk.conv5_stride}
+        else:
+            net, mapping, stats = convert_caffenet(row.init, caffenet_spec(params, config), weights,
+                                                   row.init == "imagenet_rescale", crops, params.bn_stats,
+                                                   params.rms, rescale_config(params), row_seed, log, ctx.device)
+            log_mapping(mapping, log, params.row)
+            save_caffenet(out, net, row.init, mapping, source, stats)
+            shape = {"pool5_side": net.pool5_side, "conv5_stride": net.conv5_stride}
+    except ValueError as e:  # e.g. an input_side too small for conv6 / pool6
+        raise StageError(f"convert ({params.row}): {e}") from e
+    seconds = round(time.monotonic() - start, 2)
+    log.info("%s: %s network written in %.1f s", params.row, init.network, seconds)
+    atomic_write_json(root / METRICS / f"{params.row}.json", {
+        "row": params.row, "variant": row.variant, "init": row.init, "network": init.network, **shape,
+        "stats": _metrics(stats), "seconds": seconds, "bad_images": len(bad), "fit_crops": len(crops.fit),
+        "heldout_crops": len(crops.heldout), "calib_crops": len(crops.calib), "bn_stats": params.bn_stats})
 
 
 def _pool5_side(tower: torch.nn.Sequential) -> int:
@@ -202,5 +264,5 @@ def _pool5_side(tower: torch.nn.Sequential) -> int:
     side2 = tower.fc6.in_features // convs[-1].out_channels
     side = round(side2 ** 0.5)
     if side * side * convs[-1].out_channels != tower.fc6.in_features:
-        raise StageError(f"{PRETRAIN}: fc6 has {tower.fc6.in_features} inputs, not channels x side^2")
+        raise StageError(f"the pretrain export's fc6 has {tower.fc6.in_features} inputs, not channels x side^2")
     return side

@@ -1,8 +1,9 @@
-"""Fast R-CNN fine-tuning and VOC 2007 test AP of one converted network (section 4.3, Table 1); foreach init."""
+"""Fast R-CNN fine-tuning and VOC 2007 test AP of one converted network (section 4.3, Table 1); foreach row."""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
 from ctxrepro.metrics.voc import VocEvalError, evaluate, summary
 from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
-from ctxrepro.transfer.convert import INITS
-from ctxrepro.transfer.trunk import Converted, load_checkpoint
+from ctxrepro.transfer.caffenet import load_converted
+from ctxrepro.transfer.trunk import Converted
 
 VOC07 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
 TRUNKS = Path("models/convert")
@@ -34,12 +35,13 @@ RESULTS = Path("results/detect")
 MODELS = Path("models/detect")
 METRICS = Path("metrics/detect")
 PLOTS = Path("plots/detect")
-DETECT_SEED = 70  # derive_seed purpose; the same for every init, so only the initialisation differs
+DETECT_SEED = 70  # derive_seed purpose; the same for every row, so only the initialisation differs
+NETWORKS = ("figure6", "caffenet")
 
 
 @dataclass(frozen=True)
 class Params:
-    init: str = param("ours", choices=tuple(INITS), help="models/convert/<init>.pt (the dvc.yaml foreach item)")
+    row: str = param("color_dropping-ours", help="models/convert/<row>.pt, a convert.rows key (the foreach item)")
     classes: tuple[str, ...] = param(VOC_CLASSES, choices=VOC_CLASSES, help="classes scored (mAP over these)")
     train_split: str = param("trainval", choices=SPLITS, help="VOC 2007 image set to fine-tune on")
     test_split: str = param("test", choices=SPLITS, help="VOC 2007 image set to score")
@@ -54,7 +56,9 @@ class Params:
     bg_hi: float = param(0.5, min=0.0, max=1.0, help="background: IoU < this (Fast R-CNN: 0.5)")
     bg_lo: float = param(0.1, min=0.0, max=1.0, help="background: IoU >= this (Fast R-CNN: 0.1)")
     flip: bool = param(True, help="horizontal flips (Fast R-CNN: yes)")
-    box_regression: bool = param(True, help="Fast R-CNN's box regression; the paper's R-CNN rows had none")
+    box_regression: dict[str, bool] = param({"figure6": False, "caffenet": True},
+                                            help="Fast R-CNN's box regression per network: the paper's R-CNN rows "
+                                                 "(Figure 6 network) had none, its rescale rows (CaffeNet) had it")
     dropout: float = param(0.5, min=0.0, max=0.99, help="dropout after fc7 (AlexNet / Fast R-CNN: 0.5)")
     optimizer: str = param("sgd", choices=("sgd", "adam"), help="sgd: Fast R-CNN's solver")
     lr: float = param(0.001, min=0.0, help="base learning rate (Fast R-CNN: 0.001)")
@@ -69,6 +73,13 @@ class Params:
     roi_chunk: int = param(1000, min=1, help="test: RoIs per head pass (memory bound)")
     log_every: int = param(20, min=1, help="iterations per loss log line and loss-plot point")
     profile_note: str = param("", help="what this profile scales down from the paper, copied to the metrics")
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.row):
+            raise ValueError(f"row={self.row!r}: expected a plain name like 'color_dropping-ours'")
+        if sorted(self.box_regression) != sorted(NETWORKS):
+            raise ValueError(f"box_regression: give true/false for each of {', '.join(NETWORKS)}, "
+                             f"got {sorted(self.box_regression)}")
 
     def solver(self) -> SolverConfig:
         return SolverConfig(self.iterations, self.images_per_batch, self.optimizer, self.lr, self.lr_step,
@@ -88,11 +99,11 @@ def _inputs(p: Params, root: Path, device: str) -> tuple[Converted, list, list]:
         raise StageError(f"detect: {proposals / PROPOSALS_INDEX} missing: the proposal cache is absent or "
                          f"incomplete (run `dvc repro proposals`)")
     try:
-        ckpt = load_checkpoint(root / TRUNKS / f"{p.init}.pt", device)
+        ckpt = load_converted(root / TRUNKS / f"{p.row}.pt", device)
         train_db = load_roidb(root / VOC07, p.train_split, proposals, p.use_difficult)
         test_db = load_roidb(root / VOC07, p.test_split, proposals)
     except (OSError, ValueError) as e:
-        raise StageError(f"detect ({p.init}): {e}") from e
+        raise StageError(f"detect ({p.row}): {e}") from e
     return ckpt, train_db, test_db
 
 
@@ -101,13 +112,21 @@ def _paper_row(ckpt: Converted) -> str | None:
     return table.paper_row(ckpt.init, ckpt.trunk.spec.tower, color)
 
 
+def _row_facts(p: Params, ckpt: Converted) -> dict:
+    """What the metrics say about the row: its init, network, box regression and the protocol's label."""
+    box = p.box_regression[ckpt.network]
+    return {"row": p.row, "variant": (ckpt.source or {}).get("variant"), "init": ckpt.init,
+            "network": ckpt.network, "paper_row": _paper_row(ckpt), "box_regression": box,
+            "protocol": table.protocol(ckpt.network, box)}
+
+
 def _score(p: Params, root: Path, out: Path, dets: dict, test_ids: list[str], log: logging.Logger) -> dict:
     """Write the results files into `out` and score them with the devkit's rules."""
     write_results(out, dets, test_ids, p.test_split)
     try:
         per_class = evaluate(root / VOC07, p.test_split, out, p.classes)
     except VocEvalError as e:
-        raise StageError(f"detect ({p.init}): {e}") from e
+        raise StageError(f"detect ({p.row}): {e}") from e
     for c, r in per_class.items():
         log.info("%-12s AP %5.1f  (npos %d, %d detections, %d TP)", c, 100 * r.ap, r.npos, r.detections, r.tp)
     return summary(per_class)
@@ -117,37 +136,38 @@ def run(params: Params, ctx: StageContext) -> None:
     root, log, p = ctx.root, ctx.log, params
     start = time.monotonic()
     ckpt, train_db, test_db = _inputs(p, root, ctx.device)
-    log.info("%s: %d train images (%d boxes), %d test images, %.0f / %.0f proposals per image", p.init,
+    facts = _row_facts(p, ckpt)
+    log.info("%s: %s", p.row, facts)
+    log.info("%s: %d train images (%d boxes), %d test images, %.0f / %.0f proposals per image", p.row,
              len(train_db), sum(len(e.gt_boxes) for e in train_db), len(test_db),
              sum(len(e.proposals) for e in train_db) / max(len(train_db), 1),
              sum(len(e.proposals) for e in test_db) / max(len(test_db), 1))
-    model = FastRCNN(ckpt.trunk, ckpt.head, p.dropout, p.box_regression, derive_seed(ctx.base.seed, DETECT_SEED, 1))
+    model = FastRCNN(ckpt.trunk, ckpt.head, p.dropout, facts["box_regression"],
+                     derive_seed(ctx.base.seed, DETECT_SEED, 1))
     model.to(ctx.device)
     try:
         history = train(model, train_db, p.sampling(), p.solver(), derive_seed(ctx.base.seed, DETECT_SEED, 0),
                         ctx.device, log)
     except (OSError, ValueError, FloatingPointError) as e:
-        raise StageError(f"detect ({p.init}): {e}") from e
+        raise StageError(f"detect ({p.row}): {e}") from e
     trained = time.monotonic()
     dets = detect_all(model, test_db, p.test(), ctx.device, log)
     tested = time.monotonic()
-    row_name = _paper_row(ckpt)
-    with atomic_dir(root / RESULTS / p.init) as out:
+    with atomic_dir(root / RESULTS / p.row) as out:
         scores = _score(p, root, out, dets, [e.image_id for e in test_db], log)
-        row = table.OurRow(p.init, scores["ap"], row_name, p.profile_note)
+        row = table.OurRow(p.row, scores["ap"], facts["paper_row"], p.profile_note)
         atomic_write_text(out / "table1.md", table.table1_markdown([row], p.classes))
-    log.info("%s: mAP %.1f over %d classes", p.init, 100 * (scores["map"] or 0.0), len(p.classes))
-    atomic_torch_save({"init": p.init, "spec": asdict(ckpt.trunk.spec), "box_regression": p.box_regression,
+    log.info("%s: mAP %.1f over %d classes", p.row, 100 * (scores["map"] or 0.0), len(p.classes))
+    atomic_torch_save({**facts, "spec": asdict(ckpt.trunk.spec),
                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
-                      root / MODELS / f"{p.init}.pt")
-    with atomic_dir(root / PLOTS / p.init) as plots:
+                      root / MODELS / f"{p.row}.pt")
+    with atomic_dir(root / PLOTS / p.row) as plots:
         viz.write_csv(plots / "ap.csv", ["class", "ap"], [(c, scores["ap"][c]) for c in p.classes])
         viz.write_csv(plots / "loss.csv", ["iteration", "loss", "loss_cls", "loss_box"],
                       [(h["iteration"], h["loss"], h["loss_cls"], h["loss_box"]) for h in history])
     last = history[-1] if history else {}
-    atomic_write_json(root / METRICS / f"{p.init}.json", {
-        **scores, "init": p.init, "paper_row": row_name, "profile_note": p.profile_note,
-        "box_regression": p.box_regression, "train_images": len(train_db), "test_images": len(test_db),
+    atomic_write_json(root / METRICS / f"{p.row}.json", {
+        **scores, **facts, "profile_note": p.profile_note, "train_images": len(train_db), "test_images": len(test_db),
         "detections": int(sum(len(d) for per in dets.values() for d in per.values())),
         "train_loss": last.get("loss"), "train_loss_cls": last.get("loss_cls"), "train_loss_box": last.get("loss_box"),
         "iterations": p.iterations, "threads": torch.get_num_threads(),

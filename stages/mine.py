@@ -23,7 +23,7 @@ from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.viz import write_csv
 
-MODEL = Path("models/pretrain.pt")
+MODEL = Path("models/pretrain")  # <variant>.pt, one per pretraining variant
 VOC2011 = Path("data/raw/voc2011/TrainVal/VOCdevkit/VOC2011")
 VOC2007 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
 DATA = Path("data/mine")  # ranking.json, sets.json, labels.json, purity_coverage.json
@@ -36,6 +36,7 @@ PAPER_EVAL_CLASSES = ("bus", "diningtable", "horse", "motorbike", "sofa", "train
 
 @dataclass(frozen=True)
 class Params:
+    variant: str = param("color_dropping", help="models/pretrain/<variant>.pt to read (the paper: colour dropping)")
     source: str = param("voc2011", choices=("voc2011", "folder"), help="what to mine (section 4.5: VOC 2011)")
     folder: str = param("", help="source=folder: the image folder (any depth, sorted), relative to the repo")
     voc2011_split: str = param("trainval", choices=("train", "val", "trainval"), help="VOC 2011 image set")
@@ -168,7 +169,7 @@ def run(params: Params, ctx: StageContext) -> None:
         raise StageError("mine does not shard: run it without --shard")
     start = time.monotonic()
     try:
-        pre = load_pretrained(ctx.root / MODEL, ctx.device)
+        pre = load_pretrained(ctx.root / MODEL / f"{params.variant}.pt", ctx.device)
         model, spec = pre.model, bank_spec(params, pre)
     except (FileNotFoundError, ValueError) as e:
         raise StageError(str(e)) from e

@@ -21,7 +21,7 @@ from ctxrepro.stage import StageContext, StageError
 from ctxrepro.transfer.imagenet import TORCHVISION
 
 VOC07 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
-MODEL = Path("models/pretrain.pt")
+MODEL = Path("models/pretrain")  # <variant>.pt, one per pretraining variant
 METRICS = Path("metrics/nn.json")
 PLOTS = Path("plots/nn")
 RESULTS = Path("results/nn")
@@ -33,6 +33,7 @@ TILE = 64
 
 @dataclass(frozen=True)
 class Params:
+    variant: str = param("color_dropping", help="models/pretrain/<variant>.pt to read (the paper: colour dropping)")
     voc_split: str = param("test", choices=("train", "val", "trainval", "test"), help="VOC 2007 image set")
     images: int = param(0, min=0, help="images to draw patches from; 0 = the whole image set")
     n_queries: int = param(1000, min=1, help="random query patches (section 4.1: 1000)")
@@ -106,7 +107,7 @@ def _loader(samples: list):
 def run(params: Params, ctx: StageContext) -> None:
     start, seed = time.monotonic(), ctx.base.seed
     try:
-        pre = load_pretrained(ctx.root / MODEL, ctx.device)
+        pre = load_pretrained(ctx.root / MODEL / f"{params.variant}.pt", ctx.device)
         samples = list(load_split(ctx.root / VOC07, params.voc_split))
         if params.images and params.images < len(samples):
             keep = torch.randperm(len(samples), generator=generator(seed, R.NN_SEED, PICK))[:params.images]

@@ -32,7 +32,9 @@ PLOTS = Path("plots/normals")
 
 @dataclass(frozen=True)
 class Params:
-    init: str = param("ours", help="initialisation: models/convert/<init>.pt (the dvc.yaml foreach item)")
+    init: str = param("color_dropping-ours", help="models/convert/<init>.pt, a convert row (the foreach item)")
+    rows: tuple[str, ...] = param(("color_dropping-scratch", "color_dropping-ours"),
+                                  help="dvc.yaml's foreach list: the convert rows Table 2 fine-tunes")
     gt_source: str = param("auto", choices=GT_SOURCES, help="auto: the FAIR normals zip if fetched, else depth")
     codebook: str = param("auto", choices=("auto", "vocab", "kmeans"),
                           help="auto: vocab40.mat with FAIR ground truth, else k-means on training normals")
@@ -58,7 +60,7 @@ class Params:
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.init):
-            raise ValueError(f"init={self.init!r}: expected a plain name like 'ours' or 'scratch'")
+            raise ValueError(f"init={self.init!r}: expected a plain name like 'color_dropping-ours'")
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from ctxrepro.stage import StageContext, StageError
 VOC07 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
 MANIFEST = Path("data/resized/manifest.csv")
 WORLD_INDEX = Path("data/raw/world_index.json")
-MODEL = Path("models/pretrain.pt")
+MODEL = Path("models/pretrain")  # <variant>.pt, one per pretraining variant
 METRICS = Path("metrics/pretext_eval.json")
 PLOTS = Path("plots/pretext_eval")
 RESULTS = Path("results/pretext_eval")
@@ -35,6 +35,7 @@ POSITIONS = ("0 UL", "1 U", "2 UR", "3 L", "4 R", "5 DL", "6 D", "7 DR")
 
 @dataclass(frozen=True)
 class Params:
+    variant: str = param("color_dropping", help="models/pretrain/<variant>.pt to read (the paper: colour dropping)")
     voc_split: str = param("test", choices=("train", "val", "trainval", "test"), help="VOC 2007 image set")
     n_images: int = param(500, min=1, help="random VOC images (section 4.6: 500)")
     pairs_per_image: int = param(256, min=1, help="pairs per image (section 4.6: 256)")
@@ -130,7 +131,7 @@ def _evaluate(p: Params, ctx: StageContext, pre: E.Pretrained, min_box: int):
 def run(params: Params, ctx: StageContext) -> None:
     start = time.monotonic()
     try:
-        pre = E.load_pretrained(ctx.root / MODEL, ctx.device)
+        pre = E.load_pretrained(ctx.root / MODEL / f"{params.variant}.pt", ctx.device)
         min_box = params.min_box_side or 2 * pre.patch + pre.gap
         results, paths, n_small, n_boxes = _evaluate(params, ctx, pre, min_box)
     except (OSError, ValueError) as e:  # missing inputs, unreadable images, malformed annotations: say which

@@ -7,12 +7,12 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from ctxrepro.checkpoint import CheckpointMismatch
-from ctxrepro.config import param
+from ctxrepro.config import ParamsError, param, parse_dataclass, to_plain
 from ctxrepro.io import atomic_dir, atomic_write_json
 from ctxrepro.pretext import distributed as D
 from ctxrepro.pretext.color import COLOR_MODES, PatchAugment
@@ -23,15 +23,21 @@ from ctxrepro.stage import StageContext, StageError
 
 MANIFEST = Path("data/resized/manifest.csv")
 WORLD_INDEX = Path("data/raw/world_index.json")
-STATE = Path("models/pretrain_state/last.pt")
-EXPORT = Path("models/pretrain.pt")
-METRICS = Path("metrics/pretrain.json")
-LIVE_DIR = Path("dvclive/pretrain")
+# One of each per variant (dvc.yaml's foreach over pretrain.variants): <dir>/<variant>.pt, .json, /
+STATE = Path("models/pretrain_state")  # <variant>/last.pt
+EXPORT = Path("models/pretrain")  # <variant>.pt
+METRICS = Path("metrics/pretrain")  # <variant>.json
+LIVE_DIR = Path("dvclive/pretrain")  # <variant>/
 
 
 @dataclass(frozen=True)
 class Params:
+    variant: str = param("color_dropping", help="the variant this run trains: a key of `variants`")
+    variants: dict[str, dict[str, Any]] = param(
+        {"color_dropping": {}}, help="variant name -> overrides of this section (the paper trained several)")
     tower: str = param("alexnet", choices=("alexnet", "small", "vgg16"), help="per-patch tower (Figure 3)")
+    width: int = param(0, min=0, help="conv1 channels, the tower's others in proportion; 0 = the tower's own")
+    fc_dim: int = param(0, min=0, help="fc6 size; 0 = the tower's own (4096, small: 256)")
     patch: int = param(96, min=8, help="patch side in px (section 3: 96)")
     gap: int = param(48, min=0, help="gap between grid patches in px (section 3: 48)")
     jitter: int = param(7, min=0, help="per-patch jitter in px per axis (section 3: 7)")
@@ -64,6 +70,25 @@ class Params:
     workers: int = param(4, min=0, max=64, help="DataLoader processes per rank (decode; on CPU also preprocess)")
     decode: str = param("worker", choices=("worker", "device"), help="device = torchvision's GPU decoder (CUDA only)")
 
+    def __post_init__(self) -> None:
+        if self.variants and self.variant not in self.variants:
+            raise ValueError(f"pretrain.variant {self.variant!r} is not one of pretrain.variants: "
+                             f"{', '.join(self.variants)}")
+        for name in self.variants:
+            resolve_variant(self, name)
+
+
+def resolve_variant(p: Params, name: str) -> Params:
+    """The section with variant `name`'s overrides applied (checked like the section itself)."""
+    overrides = p.variants.get(name)
+    if not isinstance(overrides, dict):
+        raise ParamsError(f"pretrain.variants.{name}: expected a mapping of overrides, got {overrides!r}")
+    nested = sorted({"variant", "variants"} & set(overrides))
+    if nested:
+        raise ParamsError(f"pretrain.variants.{name}: '{nested[0]}' cannot be overridden by a variant")
+    plain = {**to_plain(p), **overrides, "variant": name, "variants": {}}
+    return parse_dataclass(Params, plain, f"pretrain.variants.{name}")
+
 
 def train_config(p: Params, seed: int) -> TrainConfig:
     """The library's configuration from the params section (read once, at the edge)."""
@@ -72,7 +97,8 @@ def train_config(p: Params, seed: int) -> TrainConfig:
                        p.min_pixels, p.max_pixels),
         augment=PatchAugment.for_patch(p.patch, color=p.color, downsample_prob=p.downsample_prob),
         optim=OptimConfig(p.optimizer, p.lr, p.momentum, p.weight_decay, p.loss, p.clip_grad),
-        tower=p.tower, input_size=p.input_size, seed=seed, steps=p.steps, max_seconds=p.max_seconds,
+        tower=p.tower, width=p.width or None, fc_dim=p.fc_dim or None, input_size=p.input_size, seed=seed,
+        steps=p.steps, max_seconds=p.max_seconds,
         checkpoint_every=p.checkpoint_every, log_every=p.log_every, amp=p.amp, channels_last=p.channels_last,
         min_live_fraction=p.min_live_fraction, compile=p.compile, heldout_images=p.heldout_images, workers=p.workers,
         decode=p.decode)
@@ -132,11 +158,11 @@ def _train_process(p: Params, seed: int, device: str, root: Path) -> None:
         raise StageError(str(e)) from e
     device = D.init(info, device)
     try:
-        paths = TrainPaths(root / STATE, root / EXPORT)
-        with live_logger(root / LIVE_DIR) if info.is_main else contextlib.nullcontext() as on_log:
+        paths = TrainPaths(root / STATE / p.variant / "last.pt", root / EXPORT / f"{p.variant}.pt")
+        with live_logger(root / LIVE_DIR / p.variant) if info.is_main else contextlib.nullcontext() as on_log:
             metrics = train(cfg, train_table.shard(info.rank, info.world), heldout, paths, device, info, log, on_log)
         if metrics is not None:
-            atomic_write_json(root / METRICS, metrics)
+            atomic_write_json(root / METRICS / f"{p.variant}.json", {"variant": p.variant, **metrics})
             log.info("held-out pretext accuracy %.3f (chance %.3f) after %d steps",
                      metrics["heldout_accuracy"], metrics["chance"], metrics["steps"])
     except (TrainingError, CheckpointMismatch) as e:
@@ -147,6 +173,9 @@ def _train_process(p: Params, seed: int, device: str, root: Path) -> None:
 
 def run(params: Params, ctx: StageContext) -> None:
     """One process, `nproc` spawned ranks, or this rank of a torchrun job (detected from RANK/WORLD_SIZE)."""
+    if params.variants:
+        ctx.log.info("variant %s: overrides %s", params.variant, params.variants[params.variant])
+        params = resolve_variant(params, params.variant)
     env = D.env_info()
     if params.nproc > 1 and env.world == 1:
         ctx.log.info("spawning %d ranks (%s)", params.nproc, ctx.device)

@@ -17,6 +17,7 @@ from ctxrepro.pretext.model import ContextNet
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.transfer.convert import (CropSet, convert, fold_batchnorms, fold_bn_, load_pretext_tower, log_mapping,
                                        sample_crops, set_input_norm, transfer_tower)
+from ctxrepro.transfer.caffenet import CaffeNetSpec, convert_caffenet, load_converted
 from ctxrepro.transfer.rescale import RescaleConfig
 from ctxrepro.transfer.trunk import (FORMAT, Trunk, TrunkSpec, build_trunk, fc_to_conv, load_checkpoint, load_trunk,
                                      save_checkpoint)
@@ -157,16 +158,17 @@ def make_cropset(side, n_fit=64, n_held=24, seed=0):
     return CropSet(fit, held, fit[:16])
 
 
-@pytest.mark.parametrize("init", ["ours_rescale", "kmeans_rescale"])
-def test_rescaled_inits_converge_and_round_trip(tmp_path, init):
+@pytest.mark.parametrize("init", ["ours", "scratch"])
+def test_figure6_inits_round_trip_without_rescaling(tmp_path, init):
     net = tiny_net()
     spec = spec_for(net, input_side=64)
-    cfg = RescaleConfig(kmeans_samples=3000, kmeans_iters=5, batch=32, calib_draws=2)
-    tower = net.tower if init == "ours_rescale" else None
+    cfg = RescaleConfig(batch=32)
+    tower = net.tower if init == "ours" else None
     trunk, head, mapping, stats = convert(init, spec, tower, make_cropset(64), "images", 50.0, cfg, 3, LOG)
-    assert stats["calibration"]["converged"] and stats["calibration"]["spread"] < 0.01
+    assert "calibration" not in stats and "within" not in stats  # the R-CNN-style rows are not rescaled
     news = {e["target"]: e["op"] for e in mapping if e["source"] == "-"}
-    assert news["trunk.top.conv6b.weight"].startswith("new:") and "head.seq.fc8.weight" in news
+    assert set(news.values()) == {"new:xavier"} and "head.seq.fc8.weight" in news
+    assert ("trunk.body.conv1.weight" in news) == (init == "scratch")
     path = tmp_path / f"{init}.pt"
     save_checkpoint(path, trunk, head, init, mapping, None, stats)
     loaded = load_checkpoint(path)
@@ -174,16 +176,19 @@ def test_rescaled_inits_converge_and_round_trip(tmp_path, init):
     with torch.no_grad():
         assert torch.equal(load_trunk(path)(x), trunk(x))
         assert torch.equal(loaded.head(loaded.trunk(x)), head(trunk(x)))
-    assert loaded.init == init and loaded.trunk.spec == replace(spec, color="none")
+    assert loaded.init == init and loaded.network == "figure6"
+    assert loaded.trunk.spec == (spec if init == "ours" else replace(spec, color="none"))
+    with pytest.raises(ValueError, match=r"init 'ours_rescale' builds the caffenet network"):
+        convert("ours_rescale", spec, tower, make_cropset(64), "images", 50.0, cfg, 3, LOG)
 
 
 def test_convert_is_deterministic_for_a_seed():
     net = tiny_net()
-    spec = spec_for(net, input_side=64)
+    spec = CaffeNetSpec(tower="small", width=4, roi_pool=3, fc6=10, fc7=12, input_side=64)
     cfg = RescaleConfig(kmeans_samples=2000, kmeans_iters=3, batch=32, calib_draws=1)
     crops = make_cropset(64)
-    a = convert("kmeans_rescale", spec, None, crops, "images", 50.0, cfg, 5, LOG)[0].state_dict()
-    b = convert("kmeans_rescale", spec, None, crops, "images", 50.0, cfg, 5, LOG)[0].state_dict()
+    a = convert_caffenet("ours_rescale", spec, net.tower, False, crops, "images", 50.0, cfg, 5, LOG)[0].state_dict()
+    b = convert_caffenet("ours_rescale", spec, net.tower, False, crops, "images", 50.0, cfg, 5, LOG)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -205,12 +210,13 @@ def test_plain_state_dict_with_wrong_shapes_names_the_key(tmp_path):
 
 
 def write_world(root, n_images=11):
-    """A pretrain export and a VOC2007 trainval folder of JPEGs, in the stage's fixed locations."""
+    """A pretrain export (variant color_dropping) and a VOC2007 trainval folder of JPEGs, in the stage's fixed
+    locations."""
     net = tiny_net()
-    (root / "models").mkdir()
+    (root / "models" / "pretrain").mkdir(parents=True)
     torch.save({"model": net.state_dict(), "step": 7,
                 "config": {"tower": "small", "patch": 48, "sample_patch": 48, "gap": 24, "jitter": 5,
-                           "color": "projection"}}, root / "models" / "pretrain.pt")
+                           "color": "projection"}}, root / "models" / "pretrain" / "color_dropping.pt")
     devkit = root / "data" / "raw" / "voc2007" / "VOCdevkit" / "VOC2007"
     (devkit / "JPEGImages").mkdir(parents=True)
     (devkit / "ImageSets" / "Main").mkdir(parents=True)
@@ -223,40 +229,73 @@ def write_world(root, n_images=11):
     return net
 
 
+def stage_params(init, **changes):
+    from stages.convert import Params, Row
+
+    rows = {f"color_dropping-{i}": Row("color_dropping", i) for i in
+            ("scratch", "ours", "imagenet", "kmeans_rescale", "ours_rescale", "imagenet_rescale")}
+    base = dict(row=f"color_dropping-{init}", rows=rows, fit_images=9, heldout_images=2, crops_per_image=4,
+                input_side=64, conv6b=8, fc7=12, fc6=10, roi_pool={"small": 3}, kmeans_samples=3000, kmeans_iters=5,
+                calib_crops=16, calib_draws=2, batch=32, imagenet_weights="models/imagenet_tower.pt")
+    return Params(**{**base, **changes})
+
+
 @pytest.mark.slow
-def test_convert_stage_writes_every_init(tmp_path):
-    from stages.convert import Params, run
+@pytest.mark.parametrize("init,network", [("ours", "figure6"), ("scratch", "figure6"), ("imagenet", "figure6"),
+                                          ("ours_rescale", "caffenet"), ("kmeans_rescale", "caffenet"),
+                                          ("imagenet_rescale", "caffenet")])
+def test_convert_stage_writes_one_row(tmp_path, init, network):
+    from stages.convert import run
 
     net = write_world(tmp_path)
-    params = Params(fit_images=9, heldout_images=2, crops_per_image=4, input_side=64, conv6b=8, fc7=12,
-                    kmeans_samples=3000, kmeans_iters=5, calib_crops=16, calib_draws=2, batch=32,
-                    imagenet_weights="models/imagenet_tower.pt")
-    run(params, StageContext(base=BaseParams(seed=1), device="cpu", log=LOG, root=tmp_path))
-    metrics = json.loads((tmp_path / "metrics" / "convert.json").read_text())
-    assert sorted(p.name for p in (tmp_path / "models" / "convert").iterdir()) == \
-        ["imagenet.pt", "kmeans_rescale.pt", "ours.pt", "ours_rescale.pt", "scratch.pt"]
+    run(stage_params(init), StageContext(base=BaseParams(seed=1), device="cpu", log=LOG, root=tmp_path))
+    row = f"color_dropping-{init}"
+    metrics = json.loads((tmp_path / "metrics" / "convert" / f"{row}.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "models" / "convert").iterdir()) == [f"{row}.pt"]
+    assert (metrics["row"], metrics["variant"], metrics["init"], metrics["network"]) == \
+        (row, "color_dropping", init, network)
     # 11 images, all drawn; the PNG named .jpg is counted, not decoded: 10 images x 4 crops remain
     assert metrics["bad_images"] == 1 and metrics["fit_crops"] + metrics["heldout_crops"] == 40
-    assert metrics["pool5_side"] == 4
-    for init in ("ours_rescale", "kmeans_rescale", "imagenet"):
-        assert metrics["inits"][init]["calibration"]["converged"]
-    ours = load_checkpoint(tmp_path / "models" / "convert" / "ours.pt")
-    assert ours.source["step"] == 7 and ours.trunk.spec.color == "projection"
-    # folding only rescales: conv1's filters stay parallel to the pretrained ones
-    w0, w1 = net.tower.conv1.weight.flatten(1), ours.trunk.body.conv1.weight.flatten(1)
-    cos = torch.nn.functional.cosine_similarity(w0, w1, dim=1)
-    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
-    assert np.isfinite(metrics["inits"]["ours"]["fold_heldout"]["conv6"]["std_mean"])
+    assert metrics["pool5_side"] == (4 if network == "figure6" else 3)
+    loaded = load_converted(tmp_path / "models" / "convert" / f"{row}.pt")
+    assert loaded.network == network and loaded.init == init and loaded.source["variant"] == "color_dropping"
+    if init.endswith("rescale"):
+        assert metrics["stats"]["calibration"]["converged"]
+    if init == "ours":
+        assert loaded.source["step"] == 7 and loaded.trunk.spec.color == "projection"
+        # folding only rescales: conv1's filters stay parallel to the pretrained ones
+        w0, w1 = net.tower.conv1.weight.flatten(1), loaded.trunk.body.conv1.weight.flatten(1)
+        cos = torch.nn.functional.cosine_similarity(w0, w1, dim=1)
+        assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+        assert np.isfinite(metrics["stats"]["fold_heldout"]["conv6"]["std_mean"])
 
 
 def test_stage_errors_name_the_problem(tmp_path):
-    from stages.convert import Params, run
+    from stages.convert import run
 
     ctx = StageContext(base=BaseParams(seed=1), device="cpu", log=LOG, root=tmp_path)
-    with pytest.raises(StageError, match=r"pretrain\.pt: no such weights file"):
-        run(Params(), ctx)
+    with pytest.raises(StageError, match=r"pretrain/color_dropping\.pt: no such weights file.*pretrain@color_dropping"):
+        run(stage_params("ours"), ctx)
     write_world(tmp_path)
-    small = Params(fit_images=2, heldout_images=1, crops_per_image=1, input_side=48, inits=("scratch",))
-    with pytest.raises(StageError, match=r"convert \(scratch\): input_side 48 gives conv6b 1x1"):
+    small = stage_params("scratch", fit_images=2, heldout_images=1, crops_per_image=1, input_side=48)
+    with pytest.raises(StageError, match=r"convert \(color_dropping-scratch\): input_side 48 gives conv6b 1x1"):
         run(small, ctx)
+    with pytest.raises(StageError, match=r"init imagenet needs ImageNet weights: set convert.imagenet_weights"):
+        run(stage_params("imagenet", imagenet_weights=""), ctx)
     assert not (tmp_path / "models" / "convert").exists()  # outputs complete or absent
+
+
+def test_rows_are_named_variant_dash_init():
+    from ctxrepro.config import ParamsError, parse_dataclass
+    from stages.convert import Params
+
+    good = {"row": "vgg16-ours", "rows": {"vgg16-ours": {"variant": "vgg16", "init": "ours"}}}
+    assert parse_dataclass(Params, good, "convert").rows["vgg16-ours"].variant == "vgg16"
+    with pytest.raises(ParamsError, match=r"convert.rows.vgg-ours: a row is named '<variant>-<init>'"):
+        parse_dataclass(Params, {"row": "vgg-ours", "rows": {"vgg-ours": {"variant": "vgg16", "init": "ours"}}},
+                        "convert")
+    with pytest.raises(ParamsError, match=r"convert.row 'x-ours' is not one of convert.rows: vgg16-ours"):
+        parse_dataclass(Params, {**good, "row": "x-ours"}, "convert")
+    with pytest.raises(ParamsError, match=r"'rescale' is not allowed"):
+        parse_dataclass(Params, {"row": "a-rescale", "rows": {"a-rescale": {"variant": "a", "init": "rescale"}}},
+                        "convert")

@@ -163,13 +163,13 @@ def test_pretrain_stage_with_two_spawned_ranks(tmp_path, monkeypatch, caplog):
                              checkpoint_every=2, log_every=1, heldout_images=2, workers=0, nproc=2)
     log = logging.getLogger("test_ddp")
     pretrain.run(params, StageContext(BaseParams(seed=0), "cpu", log, root=tmp_path))
-    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    metrics = json.loads((tmp_path / "metrics" / "pretrain" / "color_dropping.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
-    state = torch.load(tmp_path / "models" / "pretrain_state" / "last.pt", weights_only=True)
+    state = torch.load(tmp_path / "models" / "pretrain_state" / "color_dropping" / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["config"]["world_size"] == 2
     # The shards depend on the world size: one process does not resume the 2-rank state, it starts afresh.
     with caplog.at_level(logging.WARNING):
         pretrain.run(replace(params, nproc=1, steps=4), StageContext(BaseParams(seed=0), "cpu", log, root=tmp_path))
     assert "world_size: checkpoint 2 != now 1" in caplog.text and "starting afresh at step 0" in caplog.text
-    state = torch.load(tmp_path / "models" / "pretrain_state" / "last.pt", weights_only=True)
+    state = torch.load(tmp_path / "models" / "pretrain_state" / "color_dropping" / "last.pt", weights_only=True)
     assert len(state["rng"]) == 1 and state["config"]["world_size"] == 1 and state["step"] == 4

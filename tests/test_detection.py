@@ -207,6 +207,13 @@ def test_paper_rows_and_markdown():
     assert table.paper_row("ours", "alexnet", "none") == "Ours-color-dropping"
     assert table.paper_row("ours_rescale", "vgg16", "none") == "VGG-Ours-rescale"
     assert table.paper_row("scratch", "vgg16", "none") is None
+    assert table.paper_row("imagenet", "alexnet", "none") == "ImageNet-R-CNN"
+    assert table.paper_row("imagenet_rescale", "alexnet", "none") == "ImageNet-rescale"
+    assert table.paper_row("imagenet_rescale", "vgg16", "none") == "VGG-ImageNet-rescale"
+    assert table.paper_row("kmeans_rescale", "small", "none") == "K-means-rescale"
+    assert table.paper_row("ours_rescale", "alexnet", "projection") is None  # the paper rescaled colour dropping
+    assert table.protocol("figure6", False) == "Fast R-CNN training, R-CNN-style rows (no box regression)"
+    assert table.protocol("caffenet", True) == "Fast R-CNN (with box regression), CaffeNet-shaped, k-means + rescale"
     assert all(len(v) == 21 for v in table.PAPER_TABLE1.values())
     # the paper's mAP column is the mean of its 20 APs (to Table 1's rounding)
     for row in table.PAPER_TABLE1.values():
@@ -226,13 +233,15 @@ def test_paper_rows_and_markdown():
 def test_write_table1_collects_every_init(tmp_path):
     for init, ap in (("ours_rescale", {"bus": 0.5, "car": 0.5, "train": 1.0}), ("scratch", {"bus": 0.25, "train": 0.5}),
                      ("zz_custom", {"bus": 0.0, "train": 0.0})):
-        (tmp_path / f"{init}.json").write_text(json.dumps({"init": init, "ap": ap, "map": 0.0,
-                                                           "paper_row": table.paper_row(init, "small", "none"),
-                                                           "profile_note": "tiny"}))
+        row = f"color_dropping-{init}"
+        (tmp_path / f"{row}.json").write_text(json.dumps({"row": row, "init": init, "ap": ap, "map": 0.0,
+                                                          "paper_row": table.paper_row(init, "small", "none"),
+                                                          "profile_note": "tiny"}))
     text = table.write_table1(tmp_path, tmp_path / "out" / "table1.md")
     assert (tmp_path / "out" / "table1.md").read_text() == text
     ours = [line.split(" | ")[0] for line in text.splitlines() if "| ours, tiny |" in line]
-    assert ours == ["| scratch (as Scratch-Ours)", "| ours_rescale (as Ours-rescale)", "| zz_custom"]
+    assert ours == ["| color_dropping-scratch (as Scratch-Ours)", "| color_dropping-ours_rescale (as Ours-rescale)",
+                    "| color_dropping-zz_custom"]
     assert "| method | source | bus | train | mAP (shown) | mAP (20) |" in text  # car: not in every run
     with pytest.raises(FileNotFoundError, match="dvc repro detect"):
         table.write_table1(tmp_path / "none", tmp_path / "x.md")

@@ -20,6 +20,7 @@ from scipy.io import savemat
 from ctxrepro.config import BaseParams
 from ctxrepro.detection.boxes import iou
 from ctxrepro.stage import StageContext, StageError
+from ctxrepro.transfer.caffenet import CaffeNetSpec, build_caffenet, save_caffenet
 from ctxrepro.transfer.trunk import TrunkSpec, build_trunk, save_checkpoint
 from stages import detect, proposals
 
@@ -92,7 +93,10 @@ def make_world(root: Path) -> None:
         savemat(root / "selective_search_data" / f"voc_2007_{split}.mat", {"boxes": cell, "images": names})
     spec = TrunkSpec(tower="small", width=4, conv6=16, conv6_kernel=2, conv6b=8, fc7=16, input_side=64)
     trunk, head = build_trunk(spec, seed=0)
-    save_checkpoint(root / detect.TRUNKS / "scratch.pt", trunk, head, "scratch", [], None, {})
+    source = {"variant": "color_dropping", "config": {"color": "drop"}}
+    save_checkpoint(root / detect.TRUNKS / "color_dropping-scratch.pt", trunk, head, "scratch", [], source, {})
+    net = build_caffenet(CaffeNetSpec(tower="small", width=4, roi_pool=3, fc6=16, fc7=16, input_side=64), seed=0)
+    save_caffenet(root / detect.TRUNKS / "color_dropping-kmeans_rescale.pt", net, "kmeans_rescale", [], source, {})
 
 
 def _ctx(root: Path) -> StageContext:
@@ -101,8 +105,8 @@ def _ctx(root: Path) -> StageContext:
 
 
 def _detect_params(**kw) -> detect.Params:
-    base = dict(init="scratch", classes=("car", "bus"), scale=64, max_size=100, iterations=3, rois_per_image=16,
-                box_regression=False, score_thresh=0.0, lr=0.01, log_every=1, profile_note="unit test")
+    base = dict(row="color_dropping-scratch", classes=("car", "bus"), scale=64, max_size=100, iterations=3,
+                rois_per_image=16, score_thresh=0.0, lr=0.01, log_every=1, profile_note="unit test")
     return detect.Params(**{**base, **kw})
 
 
@@ -119,11 +123,13 @@ def world(tmp_path) -> Path:
 
 def test_detect_stage_hand_checkable_outputs(world):
     detect.run(_detect_params(), _ctx(world))
-    m = json.loads((world / "metrics/detect/scratch.json").read_text())
+    m = json.loads((world / "metrics/detect/color_dropping-scratch.json").read_text())
     assert m["ap"] == {"car": 1.0, "bus": 0.0} and m["map"] == 0.5
-    assert (m["init"], m["paper_row"], m["train_images"], m["test_images"]) == ("scratch", "Scratch-Ours", 6, 4)
+    assert (m["row"], m["variant"], m["init"], m["network"], m["paper_row"], m["train_images"], m["test_images"]) == \
+        ("color_dropping-scratch", "color_dropping", "scratch", "figure6", "Scratch-Ours", 6, 4)
+    assert not m["box_regression"] and m["protocol"] == "Fast R-CNN training, R-CNN-style rows (no box regression)"
     assert m["detections"] == 4 * 20  # one proposal per test image, every class scores above 0
-    results = world / "results/detect/scratch"
+    results = world / "results/detect/color_dropping-scratch"
     files = sorted(results.glob("comp4_det_test_*.txt"))
     assert len(files) == 20
     car = _lines(results / "comp4_det_test_car.txt")
@@ -132,13 +138,13 @@ def test_detect_stage_hand_checkable_outputs(world):
         x1, y1, x2, y2 = IMAGES[row[0]][1][0][1]
         assert [float(v) for v in row[2:]] == [x1 + 1, y1 + 1, x2 + 1, y2 + 1]
         assert 0.0 < float(row[1]) < 1.0
-    assert (world / "plots/detect/scratch/ap.csv").read_text() == "class,ap\ncar,1.0\nbus,0.0\n"
-    assert len((world / "plots/detect/scratch/loss.csv").read_text().splitlines()) == 1 + 3
+    assert (world / "plots/detect/color_dropping-scratch/ap.csv").read_text() == "class,ap\ncar,1.0\nbus,0.0\n"
+    assert len((world / "plots/detect/color_dropping-scratch/loss.csv").read_text().splitlines()) == 1 + 3
     table = (results / "table1.md").read_text()
-    assert "| scratch (as Scratch-Ours) | ours, unit test | 100.0 | 0.0 | 50.0 | - |" in table
+    assert "| color_dropping-scratch (as Scratch-Ours) | ours, unit test | 100.0 | 0.0 | 50.0 | - |" in table
     assert "| Scratch-Ours | paper | 65.9 | 50.6 |" in table
-    saved = torch.load(world / "models/detect/scratch.pt", weights_only=True)
-    assert saved["init"] == "scratch" and "fc8.weight" in saved["model"]
+    saved = torch.load(world / "models/detect/color_dropping-scratch.pt", weights_only=True)
+    assert saved["init"] == "scratch" and "fc8.weight" in saved["model"] and "bbox_pred.weight" not in saved["model"]
     first = {f.name: f.read_bytes() for f in files}
     detect.run(_detect_params(), _ctx(world))  # same seed, same outputs
     assert {f.name: f.read_bytes() for f in sorted(results.glob("comp4_det_test_*.txt"))} == first
@@ -151,11 +157,12 @@ def test_detect_stage_with_box_regression_keeps_boxes_in_the_image(world):
     for image_id, (split, objects) in IMAGES.items():
         if split == "test":
             np.savez(cache / f"{image_id}.npz", boxes=_train_proposals(objects, rng), key=np.array("edited"))
-    detect.run(_detect_params(box_regression=True, max_per_class=2, iterations=4), _ctx(world))
-    m = json.loads((world / "metrics/detect/scratch.json").read_text())
+    detect.run(_detect_params(box_regression={"figure6": True, "caffenet": True}, max_per_class=2, iterations=4),
+               _ctx(world))
+    m = json.loads((world / "metrics/detect/color_dropping-scratch.json").read_text())
     assert set(m["ap"]) == {"car", "bus"} and 0.0 <= m["map"] <= 1.0
-    assert m["train_loss_box"] > 0.0
-    for f in sorted((world / "results/detect/scratch").glob("comp4_det_test_*.txt")):
+    assert m["train_loss_box"] > 0.0 and m["box_regression"]
+    for f in sorted((world / "results/detect/color_dropping-scratch").glob("comp4_det_test_*.txt")):
         rows = _lines(f)
         per_image = {}
         for r in rows:
@@ -166,6 +173,22 @@ def test_detect_stage_with_box_regression_keeps_boxes_in_the_image(world):
             assert len(boxes) <= 2
             ov = iou(np.array(boxes) - 1, np.array(boxes) - 1)
             assert (ov[~np.eye(len(boxes), dtype=bool)] <= 0.3 + 1e-9).all()  # NMS at 0.3 within a class
+
+
+def test_detect_stage_fine_tunes_the_caffenet_rows_with_box_regression(world):
+    detect.run(_detect_params(row="color_dropping-kmeans_rescale", iterations=2), _ctx(world))
+    m = json.loads((world / "metrics/detect/color_dropping-kmeans_rescale.json").read_text())
+    assert (m["init"], m["network"], m["paper_row"], m["box_regression"]) == \
+        ("kmeans_rescale", "caffenet", "K-means-rescale", True)
+    assert m["protocol"] == "Fast R-CNN (with box regression), CaffeNet-shaped, k-means + rescale"
+    assert m["train_loss_box"] > 0.0
+    saved = torch.load(world / "models/detect/color_dropping-kmeans_rescale.pt", weights_only=True)
+    assert saved["network"] == "caffenet" and "fc6.weight" in saved["model"] and "bbox_pred.weight" in saved["model"]
+
+
+def test_detect_params_name_each_network():
+    with pytest.raises(ValueError, match=r"box_regression: give true/false for each of figure6, caffenet"):
+        _detect_params(box_regression={"figure6": False})
 
 
 def test_proposals_stage_opencv_and_detect_errors(tmp_path):
@@ -182,7 +205,7 @@ def test_proposals_stage_opencv_and_detect_errors(tmp_path):
     proposals.run(proposals.Params(workers=2), ctx)
     m = json.loads((tmp_path / "metrics/proposals.json").read_text())
     assert (m["computed"], m["reused"]) == (0, 10)
-    with pytest.raises(StageError, match="models/convert/ours.pt"):
-        detect.run(_detect_params(init="ours"), ctx)
+    with pytest.raises(StageError, match="models/convert/color_dropping-ours.pt"):
+        detect.run(_detect_params(row="color_dropping-ours"), ctx)
     with pytest.raises(StageError, match="mat_dir"):
         proposals.run(proposals.Params(source="mat"), ctx)

@@ -273,10 +273,12 @@ def test_pretrain_stage_writes_metrics_weights_and_dvclive(data, tmp_path, monke
                              lr=1e-3, loss="mean", steps=4, checkpoint_every=2, log_every=2, heldout_images=3,
                              workers=0)
     pretrain.run(params, StageContext(BaseParams(seed=1), "cpu", LOG, root=root))
-    metrics = json.loads((root / "metrics" / "pretrain.json").read_text())
-    assert metrics["steps"] == 4 and metrics["chance"] == 0.125
-    assert (root / "models" / "pretrain.pt").is_file() and (root / "models" / "pretrain_state" / "last.pt").is_file()
-    rows = (root / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    metrics = json.loads((root / "metrics" / "pretrain" / "color_dropping.json").read_text())
+    assert metrics["steps"] == 4 and metrics["chance"] == 0.125 and metrics["variant"] == "color_dropping"
+    assert (root / "models" / "pretrain" / "color_dropping.pt").is_file()
+    assert (root / "models" / "pretrain_state" / "color_dropping" / "last.pt").is_file()
+    rows = (root / "dvclive" / "pretrain" / "color_dropping" / "plots" / "metrics" / "train" / "loss.tsv"
+            ).read_text().splitlines()
     assert rows[0].split("\t")[:2] == ["step", "loss"] and [r.split("\t")[0] for r in rows[1:]] == ["2", "4"]
     for key in ("live_fc6", "live_fc7", "live_fc8", "wnorm_fc8"):  # the collapse monitor
         rows = (root / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / f"{key}.tsv").read_text().splitlines()
@@ -322,3 +324,37 @@ def test_inf_state_after_a_finite_loss_is_not_checkpointed(data, tmp_path, monke
     assert state["step"] == 2 and first_nonfinite(state) is None
     assert calls["poisoned"] in state["model"]
 
+
+
+def test_pretrain_variants_override_the_section_and_are_checked():
+    from ctxrepro.config import ParamsError, parse_dataclass
+    from stages.pretrain import Params, resolve_variant
+
+    section = {"tower": "small", "steps": 100, "color": "drop",
+               "variants": {"color_dropping": {}, "projection": {"color": "projection", "steps": 50},
+                            "vgg16": {"tower": "vgg16", "width": 4, "fc_dim": 32}}}
+    p = parse_dataclass(Params, {**section, "variant": "projection"}, "pretrain")
+    proj = resolve_variant(p, p.variant)
+    assert (proj.variant, proj.color, proj.steps, proj.tower, proj.variants) == ("projection", "projection", 50,
+                                                                                 "small", {})
+    vgg = resolve_variant(p, "vgg16")
+    assert (vgg.tower, vgg.width, vgg.fc_dim, vgg.color, vgg.steps) == ("vgg16", 4, 32, "drop", 100)
+    assert resolve_variant(p, "color_dropping") == replace(p, variant="color_dropping", variants={})
+    with pytest.raises(ParamsError, match=r"section 'pretrain.variants.vgg16': unknown key 'towr'"):
+        parse_dataclass(Params, {**section, "variants": {"vgg16": {"towr": "vgg16"}}, "variant": "vgg16"}, "pretrain")
+    with pytest.raises(ParamsError, match=r"pretrain.variants.vgg16.color: 'blue' is not allowed"):
+        parse_dataclass(Params, {**section, "variants": {"vgg16": {"color": "blue"}}, "variant": "vgg16"}, "pretrain")
+    with pytest.raises(ParamsError, match=r"pretrain.variant 'nope' is not one of pretrain.variants"):
+        parse_dataclass(Params, {**section, "variant": "nope"}, "pretrain")
+    with pytest.raises(ParamsError, match=r"'variants' cannot be overridden by a variant"):
+        parse_dataclass(Params, {**section, "variants": {"a": {"variants": {}}}, "variant": "a"}, "pretrain")
+
+
+def test_a_narrow_vgg_export_round_trips_with_its_width(tmp_path):
+    from ctxrepro.pretext.export import load_pretrained
+
+    cfg = TrainConfig(tower="vgg16", width=4, fc_dim=32, input_size=32)
+    net = build_model("vgg16", 32, 4, 32)
+    engine.export_weights(tmp_path / "v.pt", net, cfg, 3)
+    pre = load_pretrained(tmp_path / "v.pt")
+    assert pre.model.tower.conv1_1.out_channels == 4 and pre.model.feature_dim == 32 and pre.step == 3

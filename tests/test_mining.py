@@ -297,10 +297,10 @@ def world_root(tmp_path_factory):
         fetch_dataset(name, str(src), root / "data/raw" / name, root / "data/downloads", log=LOG)
     torch.manual_seed(0)
     model = build_model("small", 32)
-    (root / "models").mkdir()
+    (root / "models" / "pretrain").mkdir(parents=True)
     torch.save({"model": model.state_dict(), "step": 0,
                 "config": {"tower": "small", "patch": 32, "sample_patch": 48, "gap": 24, "jitter": 5,
-                           "color": "drop"}}, root / "models/pretrain.pt")
+                           "color": "drop"}}, root / "models/pretrain/color_dropping.pt")
     return root
 
 
@@ -392,5 +392,5 @@ def test_mine_stage_on_a_folder_without_evaluation(world_root, tmp_path):
 def test_mine_stage_says_what_is_missing(tmp_path):
     from ctxrepro.stage import StageError
 
-    with pytest.raises(StageError, match=r"models/pretrain.pt not found: run `dvc repro pretrain`"):
+    with pytest.raises(StageError, match=r"models/pretrain/color_dropping.pt not found: run `dvc repro pretrain`"):
         run_stage(tmp_path, stage_params())

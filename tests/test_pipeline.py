@@ -31,6 +31,8 @@ SHRINK = [
     "fetch.world.nyu_images=4",
     "fetch.world.nyu_train=2",
     "pretrain.steps=30",
+    "pretrain.variants.projection.steps=30",
+    "pretrain.variants.vgg16.steps=30",
     "pretrain.checkpoint_every=10",
     "pretrain.log_every=10",
     "pretrain.heldout_images=10",
@@ -38,6 +40,7 @@ SHRINK = [
     "convert.heldout_images=4",
     "convert.conv6b=16",
     "convert.fc7=32",
+    "convert.fc6=32",
     "convert.kmeans_samples=2000",
     "convert.calib_crops=8",
     "convert.calib_draws=1",
@@ -64,9 +67,12 @@ SHRINK = [
     "aberration.patches_per_image=16",
     "aberration.steps=20",
 ]
-STAGE_METRICS = ["fetch", "resize", "pretrain", "convert", "proposals", "detect/scratch", "detect/ours",
-                 "detect/ours_rescale", "detect/kmeans_rescale", "normals/scratch", "normals/ours", "mine",
-                 "pretext_eval", "nn", "aberration", "report"]
+ROWS = ["color_dropping-scratch", "projection-ours", "color_dropping-ours", "color_dropping-kmeans_rescale",
+        "color_dropping-ours_rescale", "vgg16-kmeans_rescale", "vgg16-ours_rescale"]  # the tiny profile's Table 1
+STAGE_METRICS = ["fetch", "resize", "pretrain/color_dropping", "pretrain/projection", "pretrain/vgg16",
+                 *(f"convert/{r}" for r in ROWS), "proposals", *(f"detect/{r}" for r in ROWS),
+                 "normals/color_dropping-scratch", "normals/color_dropping-ours", "mine", "pretext_eval", "nn",
+                 "aberration", "report"]
 
 
 def _env() -> dict:
@@ -121,7 +127,12 @@ def test_dvc_repro_end_to_end_and_metrics_diff(tmp_path):
     for name in STAGE_METRICS:
         assert (repo / "metrics" / f"{name}.json").is_file(), name
     assert "Table 1" in (repo / "REPORT.md").read_text()
-    assert json.loads((repo / "metrics/pretrain.json").read_text())["steps"] == 30
+    for variant in ("color_dropping", "projection", "vgg16"):
+        assert json.loads((repo / f"metrics/pretrain/{variant}.json").read_text())["steps"] == 30
+    for row in ROWS:  # REPORT.md has a number for each row the tiny profile builds
+        m = json.loads((repo / f"metrics/detect/{row}.json").read_text())
+        assert m["paper_row"] and f"`{row}`: {m['protocol']} | {100 * m['map']:.1f} |" in \
+            (repo / "REPORT.md").read_text(), row
     assert json.loads((repo / "metrics/mine.json").read_text())["n_constellations"] == 64
 
     _run(["git", "add", "-A"], repo)

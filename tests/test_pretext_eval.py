@@ -206,8 +206,8 @@ def test_predict_selections_matches_a_direct_forward_across_batches(tmp_path):
 def make_tree(root: Path) -> None:
     write_voc(root)
     write_dataset(root)
-    (root / "models").mkdir()
-    write_model(root / "models" / "pretrain.pt")
+    (root / "models" / "pretrain").mkdir(parents=True)
+    write_model(root / "models" / "pretrain" / "color_dropping.pt")
 
 
 def test_pretext_eval_stage_outputs_agree_with_each_other(tmp_path):

@@ -35,7 +35,7 @@ def _text(path: Path, text: str) -> None:
 
 def _detect(init: str, row: str | None, map_: float) -> dict:
     # per-class APs 0.10, 0.20, ... so the mean is not the map written (the report must print the file's map)
-    return {"init": init, "paper_row": row, "ap": {c: 0.1 * (i + 1) for i, c in enumerate(CLASSES)}, "map": map_,
+    return {"init": init, "paper_row": row, "protocol": "Fast R-CNN training, R-CNN-style rows (no box regression)", "ap": {c: 0.1 * (i + 1) for i, c in enumerate(CLASSES)}, "map": map_,
             "seconds": {"train": 1.0, "test": 2.0, "total": 3.5}}
 
 
@@ -49,12 +49,12 @@ def run_dir(tmp_path: Path) -> Path:
     m = root / "metrics"
     _json(m / "fetch.json", {"datasets": {d: {"source": "builtin", "images": 7} for d in
                                           ("imagenet", "voc2007", "voc2011", "nyuv2")}, "seconds": 1.5})
-    _json(m / "pretrain.json", {"steps": 1234, "seconds": 86.4, "train_accuracy": 0.4567, "chance": 0.125,
+    _json(m / "pretrain/color_dropping.json", {"steps": 1234, "seconds": 86.4, "train_accuracy": 0.4567, "chance": 0.125,
                                 "heldout_accuracy": 0.3789, "heldout_pairs": 2048, "pairs_per_second": 99.0,
                                 "stopped_by": "steps"})
-    _json(m / "detect/ours.json", _detect("ours", "Ours-projection", 0.4321))
-    _json(m / "detect/scratch.json", _detect("scratch", "Scratch-Ours", 0.2468))
-    _json(m / "normals/ours.json", {"mean": 27.36, "median": 21.06, "rmse": 33.33, "within_11.25": 12.34,
+    _json(m / "detect/projection-ours.json", _detect("ours", "Ours-projection", 0.4321))
+    _json(m / "detect/color_dropping-scratch.json", _detect("scratch", "Scratch-Ours", 0.2468))
+    _json(m / "normals/color_dropping-ours.json", {"mean": 27.36, "median": 21.06, "rmse": 33.33, "within_11.25": 12.34,
                                     "within_22.5": 45.67, "within_30": 67.89})
     _json(m / "pretext_eval.json", {
         "accuracy": 0.3137, "n_images": 120, "n_pairs": 30720, "chance": 0.125, "accuracy_in_boxes": 0.2871,
@@ -69,13 +69,13 @@ def run_dir(tmp_path: Path) -> Path:
     _json(m / "nn.json", {"k": 10, "precision_at_k": {"pretrained": 0.4444, "random": 0.2222},
                           "precision_at_k_objects": {"pretrained": 0.5556, "random": 0.3333},
                           "precision_chance": 0.1999, "precision_chance_objects": 0.1, "notes": {}})
-    curves = root / "dvclive/pretrain/plots/metrics/train"
+    curves = root / "dvclive/pretrain/color_dropping/plots/metrics/train"
     _text(curves / "loss.tsv", "step\tloss\n0\t2.08\n10\t1.9\n20\t1.7\n")
     _text(curves / "accuracy.tsv", "step\taccuracy\n0\t0.12\n10\t0.2\n20\t0.3\n")
-    _text(root / "plots/detect/ours/loss.csv", "iteration,loss,loss_cls,loss_box\n20,1.5,1.0,0.5\n40,1.2,0.8,0.4\n")
+    _text(root / "plots/detect/projection-ours/loss.csv", "iteration,loss,loss_cls,loss_box\n20,1.5,1.0,0.5\n40,1.2,0.8,0.4\n")
     _text(root / "plots/pretext_eval/confusion.csv", "actual,predicted\n0,0\n0,1\n7,7\n3,3\n3,3\n")
     _text(root / "plots/mine/purity_coverage.csv", "coverage,purity\n0.1,1.0\n0.4,0.8\n0.7,0.6\n")
-    Image.new("RGB", (4, 4)).save(root / "plots/detect/ours/x.png")
+    Image.new("RGB", (4, 4)).save(root / "plots/detect/projection-ours/x.png")
     (root / "plots/nn").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(root / "plots/nn/montage.png")
     return root
@@ -102,16 +102,22 @@ def test_every_table_present_with_numbers_from_the_metrics_files(run_dir):
                     "## Figure 9", "## Section 4.1", "## Figures", "## What changed", "## Provenance"):
         assert heading in text
     # Table 1: the file's map (0.4321), not the mean of its APs (0.45); the paper's 45.7 beside it
-    assert "| Ours-projection | 45.7 | init `ours` | 43.2 | 8 |" in text
-    assert "| Scratch-Ours | 39.8 | init `scratch` | 24.7 | 8 |" in text
-    assert "| Ours-color-dropping | 46.3 | not this configuration (init `ours` ran as Ours-projection) |" in text
-    assert "| Ours-rescale | 51.1 | not run (init `ours_rescale`) |" in text
+    rcnn = "Fast R-CNN training, R-CNN-style rows (no box regression)"
+    assert f"| Ours-projection | 45.7 | `projection-ours`: {rcnn} | 43.2 | 8 |" in text
+    assert f"| Scratch-Ours | 39.8 | `color_dropping-scratch`: {rcnn} | 24.7 | 8 |" in text
+    assert "| Ours-color-dropping | 46.3 | not run (row `color_dropping-ours`) |" in text
+    assert "| Ours-rescale | 51.1 | not run (row `color_dropping-ours_rescale`) |" in text
+    assert "| ImageNet-rescale | 56.5 | skipped: no ImageNet labels in the tiny world (row " \
+           "`color_dropping-imagenet_rescale`) |" in text
+    assert "| DPM-v5[17] | 33.7 | not reproduced (another method or other data) |" in text
+    assert "not this configuration" not in text
     # per-class: paper row (bus 58.5, car 68.5) then ours (0.2 -> 20.0 for car, the 2nd of CLASSES)
     assert "| Ours-projection (paper) | 58.5 | 68.5 |" in text
-    assert "| `ours` (ours) | 10.0 | 20.0 | 30.0 | 40.0 | 50.0 | 60.0 | 70.0 | 80.0 | 43.2 |" in text
+    assert "| `projection-ours` (ours) | 10.0 | 20.0 | 30.0 | 40.0 | 50.0 | 60.0 | 70.0 | 80.0 | 43.2 |" in text
     assert "| Ours (paper) | 33.2 | 21.3 | 36.0 | 51.2 | 57.8 | – |" in text
-    assert "| `ours` (ours) | 27.4 | 21.1 | 12.3 | 45.7 | 67.9 | 33.3 |" in text
-    assert "| `scratch` (ours) | not run |" in text
+    assert "| `color_dropping-ours` (ours) | 27.4 | 21.1 | 12.3 | 45.7 | 67.9 | 33.3 |" in text
+    assert "| `color_dropping-scratch` (ours) | not run |" in text
+    assert "| `color_dropping-imagenet` (ours) | skipped: no ImageNet labels in the tiny world |" in text
     assert "| VOC 2007: 120 images (paper 500 x 256 pairs) | 38.4 | 31.4 | 30,720 |" in text
     assert "| inside boxes >= 120 px (paper 240) | 39.2 | 28.7 | 512 |" in text
     assert "| inside car boxes only | 45.6 | 60.5 | 256 |" in text
@@ -122,19 +128,21 @@ def test_every_table_present_with_numbers_from_the_metrics_files(run_dir):
     assert "| AUC, ours | 0.87 | 0.654 |" in text
     assert "| AUC up to coverage 0.5, ours | figure only | 0.346 |" in text
     assert "| pretrained | 0.444 | 0.556 |" in text
+    assert "| pretraining | paper | ours: `color_dropping` |" in text
     assert "| training steps | 1,700,000 | 1,234 |" in text
-    assert "| detect/ours | `metrics/detect/ours.json` | ok | 3.5 |" in text
+    assert "| detect/projection-ours | `metrics/detect/projection-ours.json` | ok | 3.5 |" in text
     assert summary["metrics_files"] == 9 and summary["metrics_unreadable"] == 0
     assert summary["not_run"] == ["resize", "convert", "proposals"]
 
 
 def test_changing_a_metric_changes_the_report(run_dir, no_plots):
     before, _ = _report(run_dir)
-    _json(run_dir / "metrics/detect/ours.json", _detect("ours", "Ours-projection", 0.55))
+    _json(run_dir / "metrics/detect/projection-ours.json", _detect("ours", "Ours-projection", 0.55))
     m = json.loads((run_dir / "metrics/aberration.json").read_text())
     _json(run_dir / "metrics/aberration.json", {**m, "rmse_top10": 0.2})
     after, _ = _report(run_dir)
-    assert "| Ours-projection | 45.7 | init `ours` | 55.0 | 8 |" in after
+    assert "| Ours-projection | 45.7 | `projection-ours`: Fast R-CNN training, R-CNN-style rows (no box regression) " \
+           "| 55.0 | 8 |" in after
     assert "| best 10% of images (paper 10%), raw | 0.255 | 0.200 |" in after
     # ratios to each run's own chance: paper .255/.371 and .321/.371; ours .1412/.3319 -> .2/.3319, .2718/.3319
     assert "| best 10%, raw | 0.69 | 0.43 |" in before and "| best 10%, raw | 0.69 | 0.60 |" in after
@@ -163,7 +171,7 @@ def test_missing_stages_say_not_run(run_dir):
     (run_dir / "metrics/mine.json").unlink()
     (run_dir / "plots/mine/purity_coverage.csv").unlink()
     text, summary = _report(run_dir)
-    assert "| `ours` (ours) | not run |" in text
+    assert "| `color_dropping-ours` (ours) | not run |" in text
     assert "| normals | `metrics/normals/*.json` | not run | – |" in text
     assert "| mine | `metrics/mine.json` | not run | – |" in text
     assert "mine: not run (`metrics/mine.json` missing; `dvc repro mine`)." in text
@@ -327,8 +335,28 @@ def test_paper_numbers_are_consistent():
         assert len(row) == 21, name
         assert abs(sum(row[:20]) / 20 - row[20]) <= 0.051, name
     assert set(P.TABLE1_ORDER) == set(P.PAPER_TABLE1) | set(P.TABLE1_OTHER_ROWS)
-    # the init named for a row is one that the detect stage labels with that row
-    for row, init in P.TABLE1_INIT.items():
-        assert any(paper_row(init, tower, color) == row for tower in ("alexnet", "vgg16")
-                   for color in ("projection", "drop")), row
     assert {label for label, _ in P.PAPER_TABLE2} >= set(P.TABLE2_INIT)
+
+
+@pytest.mark.parametrize("profile", ["paper", "tiny"])
+def test_every_row_the_profile_builds_is_labelled_with_its_table_row(profile):
+    """The paper profile builds every Table 1 / Table 2 row of our method or an ImageNet network, each named in
+    TABLE1_INIT / TABLE2_INIT; the detect stage labels each with that row (tower and colour of its variant)."""
+    from stages.pretrain import Params as PretrainParams
+    from stages.pretrain import resolve_variant
+
+    from ctxrepro.config import load_yaml, parse_dataclass
+
+    params = load_yaml(Path(__file__).parents[1] / "profiles" / f"{profile}.yaml")
+    pre = parse_dataclass(PretrainParams, params["pretrain"], "pretrain")
+    rows = params["convert"]["rows"]
+    for name, r in rows.items():
+        variant = resolve_variant(pre, r["variant"])
+        label = paper_row(r["init"], variant.tower, variant.color)
+        assert label is not None and P.TABLE1_INIT[label] == name, name
+    built = set(rows) if profile == "paper" else set(rows) | {r for r in P.TABLE1_INIT.values() if "imagenet" in r}
+    assert built == set(P.TABLE1_INIT.values())
+    normals = set(params["normals"]["rows"])
+    assert normals <= set(rows)
+    assert normals == (set(P.TABLE2_INIT.values()) if profile == "paper" else
+                       {r for r in P.TABLE2_INIT.values() if "imagenet" not in r})

@@ -165,8 +165,8 @@ def test_nn_stage_three_sources_and_consistent_outputs(alexnet_file, tmp_path):
     from stages import nn as stage
 
     write_voc(tmp_path)
-    (tmp_path / "models").mkdir()
-    write_model(tmp_path / "models" / "pretrain.pt")
+    (tmp_path / "models" / "pretrain").mkdir(parents=True)
+    write_model(tmp_path / "models" / "pretrain" / "color_dropping.pt")
     params = stage.Params(n_queries=10, pool_per_image=6, k=3, chunk=7, imagenet_weights=str(alexnet_file[0]),
                           imagenet_input=64, show_queries=2, show_k=2, profile_note="test")
     ctx = StageContext(base=BaseParams(seed=0), device="cpu", log=logging.getLogger("test"), root=tmp_path)
@@ -188,8 +188,8 @@ def test_nn_stage_skips_the_imagenet_net_without_weights(tmp_path):
     from stages import nn as stage
 
     write_voc(tmp_path)
-    (tmp_path / "models").mkdir()
-    write_model(tmp_path / "models" / "pretrain.pt")
+    (tmp_path / "models" / "pretrain").mkdir(parents=True)
+    write_model(tmp_path / "models" / "pretrain" / "color_dropping.pt")
     ctx = StageContext(base=BaseParams(seed=0), device="cpu", log=logging.getLogger("test"), root=tmp_path)
     stage.run(stage.Params(n_queries=10, pool_per_image=6, k=3), ctx)
     m = json.loads((tmp_path / "metrics" / "nn.json").read_text())

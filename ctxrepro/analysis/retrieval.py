@@ -145,7 +145,7 @@ def random_network(pre: Pretrained, seed: int) -> Pretrained:
     that never saw data.
     """
     torch.manual_seed(derive_seed(seed, RANDOM_INIT))
-    model = build_model(pre.model.tower_name, pre.net_size).eval()
+    model = build_model(pre.model.tower_name, pre.net_size, pre.model.width, pre.model.fc_dim).eval()
     device = next(pre.model.parameters()).device
     return Pretrained(model.to(device), pre.patch, pre.net_size, pre.gap, pre.jitter, pre.color, 0)
 

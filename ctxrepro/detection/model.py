@@ -1,9 +1,11 @@
-"""Fast R-CNN on the Figure 6 network (paper section 4.3; Girshick 2015).
+"""Fast R-CNN on a converted network (paper section 4.3; Girshick 2015): Figure 6's or CaffeNet's.
 
-conv1..conv5 of the converted trunk run once per image; each RoI is max-pooled (`torchvision.ops.roi_pool`,
-Fast R-CNN's RoI pooling) to pool5's side at Figure 6's input (7x7 at 227 px) in place of pool5; conv6,
-conv6b, pool6, fc7 (+ ReLU, dropout) follow, then fc8 (21-way class scores) and, when box regression is on,
-a class-specific box regressor (4 x 21 outputs, Fast R-CNN's bbox_pred, initialised N(0, 0.001)).
+conv1..conv5 of the converted network run once per image; each RoI is max-pooled (`torchvision.ops.roi_pool`,
+Fast R-CNN's RoI pooling) in place of pool5: to pool5's side at Figure 6's input (7x7 at 227 px), then conv6,
+conv6b, pool6 (the Figure 6 network, R-CNN-style rows); or to CaffeNet's 6x6 (VGG: 7x7) grid, then fc6 (+ ReLU,
+dropout) (`ctxrepro.transfer.caffenet`, the rescale rows). fc7 (+ ReLU, dropout) follows, then fc8 (21-way
+class scores) and, when box regression is on, a class-specific box regressor (4 x 21 outputs, Fast R-CNN's
+bbox_pred, initialised N(0, 0.001)).
 
 Loss (Fast R-CNN's multi-task loss, lambda = 1): softmax cross-entropy over the RoIs, plus smooth L1
 (beta = 1) between the foreground RoIs' predicted deltas of their own class and their targets, summed over
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
+from ctxrepro.transfer.caffenet import CaffeNet
 from ctxrepro.transfer.trunk import Head, Trunk
 
 # Fast R-CNN's BBOX_NORMALIZE_STDS (py-faster-rcnn's fixed values): targets are divided by these.
@@ -34,15 +37,20 @@ class Output:
 
 
 class FastRCNN(nn.Module):
-    """The detector: the trunk and head of a convert checkpoint, plus dropout and (optionally) bbox_pred."""
+    """The detector: a convert checkpoint's network (Figure 6 trunk + head, or a CaffeNet with head None),
+    plus dropout and (optionally) bbox_pred."""
 
-    def __init__(self, trunk: Trunk, head: Head, dropout: float, box_regression: bool, seed: int = 0):
+    def __init__(self, trunk: Trunk | CaffeNet, head: Head | None, dropout: float, box_regression: bool,
+                 seed: int = 0):
         super().__init__()
         self.trunk = trunk
-        self.pool6 = head.seq.pool6
-        self.fc7 = head.seq.fc7
+        caffenet = head is None
+        self.pool6 = None if caffenet else head.seq.pool6
+        self.fc6 = trunk.fc.fc6 if caffenet else None
+        self.drop6 = nn.Dropout(dropout) if caffenet else None
+        self.fc7 = trunk.fc.fc7 if caffenet else head.seq.fc7
         self.drop7 = nn.Dropout(dropout)
-        self.fc8 = head.seq.fc8  # Figure 6's fc8: the class scores (Fast R-CNN's cls_score)
+        self.fc8 = trunk.fc.fc8 if caffenet else head.seq.fc8  # the class scores (Fast R-CNN's cls_score)
         self.num_classes = self.fc8.out_features
         self.bbox_pred = None
         if box_regression:
@@ -68,7 +76,10 @@ class FastRCNN(nn.Module):
         return torch.cat([self.roi_pool(self.conv5(image), r) for image, r in zip(images, rois)])
 
     def head(self, pooled: Tensor) -> Output:
-        x = self.pool6(self.trunk.from_pool5(pooled)).flatten(1)
+        if self.fc6 is not None:  # CaffeNet: the RoI grid is fc6's input
+            x = self.drop6(F.relu(self.fc6(pooled.flatten(1))))
+        else:  # Figure 6: conv6, conv6b, pool6 on the RoI's pool5-sized map
+            x = self.pool6(self.trunk.from_pool5(pooled)).flatten(1)
         x = self.drop7(F.relu(self.fc7(x)))
         return Output(self.fc8(x), self.bbox_pred(x) if self.bbox_pred is not None else None)
 

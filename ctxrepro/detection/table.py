@@ -1,7 +1,7 @@
 """Table 1 of the paper (VOC 2007 test AP, section 4.3) beside our detect runs, as markdown.
 
 The paper rows are copied from Table 1 (per-class AP in %, the devkit's class order, then mAP over the 20
-classes). Our rows come from `metrics/detect/<init>.json`; each names the paper row it reproduces. Columns
+classes). Our rows come from `metrics/detect/<variant>-<init>.json`; each names the paper row it reproduces. Columns
 are the classes we evaluated; "mAP (shown)" averages exactly those columns for paper and ours alike, so the
 two are comparable even when the tiny world has only 8 classes. "mAP (20)" is the paper's own figure.
 """
@@ -42,18 +42,36 @@ PAPER_TABLE1: dict[str, tuple[float, ...]] = {
     "VGG-ImageNet-rescale": (76.6, 79.6, 68.5, 57.4, 40.8, 79.9, 78.4, 85.4, 41.7, 77.0, 69.3, 80.1, 78.6, 74.6,
                              70.1, 37.5, 66.0, 67.5, 77.4, 64.9, 68.6),
 }
-INIT_ORDER = ("scratch", "ours", "ours_rescale", "kmeans_rescale", "imagenet")
+INIT_ORDER = ("scratch", "ours", "imagenet", "kmeans_rescale", "ours_rescale", "imagenet_rescale")
+RCNN_STYLE = "Fast R-CNN training, R-CNN-style rows (no box regression)"
 
 
 def paper_row(init: str, tower: str, color: str) -> str | None:
-    """The Table 1 row an initialisation reproduces (None: the paper has no such row, e.g. VGG from scratch)."""
+    """The Table 1 row an initialisation reproduces (None: the paper has no such row, e.g. VGG from scratch,
+    or the rescale network on the colour-projection pretraining)."""
     if tower == "vgg16":
         return {"ours_rescale": "VGG-Ours-rescale", "kmeans_rescale": "VGG-K-means-rescale",
-                "imagenet": "VGG-ImageNet-rescale"}.get(init)
+                "imagenet_rescale": "VGG-ImageNet-rescale"}.get(init)
     if init == "ours":  # the R-CNN rows: projection or colour dropping, BN folded, no rescale
         return "Ours-projection" if color == "projection" else "Ours-color-dropping"
-    return {"scratch": "Scratch-Ours", "ours_rescale": "Ours-rescale", "kmeans_rescale": "K-means-rescale",
-            "imagenet": "ImageNet-rescale"}.get(init)
+    if init == "ours_rescale" and color == "projection":  # the paper's rescale row used colour dropping
+        return None
+    return {"scratch": "Scratch-Ours", "imagenet": "ImageNet-R-CNN", "ours_rescale": "Ours-rescale",
+            "kmeans_rescale": "K-means-rescale", "imagenet_rescale": "ImageNet-rescale"}.get(init)
+
+
+def protocol(network: str, box_regression: bool) -> str:
+    """How a row was fine-tuned, as REPORT.md labels it."""
+    if network == "figure6" and not box_regression:
+        return RCNN_STYLE  # a documented substitution for R-CNN's SVMs on fc7
+    shape = "CaffeNet-shaped, k-means + rescale" if network == "caffenet" else "Figure 6 network"
+    return f"Fast R-CNN ({'with' if box_regression else 'no'} box regression), {shape}"
+
+
+def row_order(name: str) -> tuple[int, str]:
+    """metrics/detect/<variant>-<init> files in INIT_ORDER of their init, then by name."""
+    init = name.rsplit("-", 1)[-1]
+    return (INIT_ORDER.index(init) if init in INIT_ORDER else len(INIT_ORDER), name)
 
 
 @dataclass(frozen=True)
@@ -98,18 +116,17 @@ def table1_markdown(ours: Sequence[OurRow], classes: Sequence[str]) -> str:
 
 
 def row_from_metrics(path: Path) -> tuple[OurRow, tuple[str, ...]]:
-    """Our row and its evaluated classes from one metrics/detect/<init>.json."""
+    """Our row and its evaluated classes from one metrics/detect/<row>.json."""
     try:
         m = json.loads(Path(path).read_text())
-        return OurRow(m["init"], m["ap"], m.get("paper_row"), m.get("profile_note", "")), tuple(m["ap"])
+        return OurRow(m.get("row", m["init"]), m["ap"], m.get("paper_row"), m.get("profile_note", "")), tuple(m["ap"])
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: not a detect metrics file ({e})") from e
 
 
 def write_table1(metrics_dir: Path, out: Path) -> str:
-    """Table 1 from every metrics/detect/<init>.json (known inits first, in INIT_ORDER); returns the text."""
-    paths = sorted(Path(metrics_dir).glob("*.json"),
-                   key=lambda p: (INIT_ORDER.index(p.stem) if p.stem in INIT_ORDER else len(INIT_ORDER), p.stem))
+    """Table 1 from every metrics/detect/<row>.json (in INIT_ORDER of their init); returns the text."""
+    paths = sorted(Path(metrics_dir).glob("*.json"), key=lambda p: row_order(p.stem))
     if not paths:
         raise FileNotFoundError(f"{metrics_dir}: no detect metrics (run `dvc repro detect`)")
     rows, classes = zip(*(row_from_metrics(p) for p in paths))

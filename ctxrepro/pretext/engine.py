@@ -64,6 +64,8 @@ class TrainConfig:
     augment: PatchAugment = field(default_factory=PatchAugment)
     optim: OptimConfig = field(default_factory=OptimConfig)
     tower: str = "alexnet"
+    width: int | None = None  # conv1 channels; None = the tower's default (model.DEFAULT_WIDTH)
+    fc_dim: int | None = None  # fc6 size; None = the tower's default (model.DEFAULT_FC)
     input_size: int = 0  # 0: the network sees patches at their sampled size
     seed: int = 0
     steps: int = 1_700_000  # METHOD.md: the released README's ~1.7M iterations
@@ -224,7 +226,7 @@ class _Run:
 
 def _build(cfg: TrainConfig, device: str, world: int) -> _Run:
     torch.manual_seed(derive_seed(cfg.seed, INIT))  # Xavier init from the one seed
-    model = build_model(cfg.tower, cfg.net_size).to(device)
+    model = build_model(cfg.tower, cfg.net_size, cfg.width, cfg.fc_dim).to(device)
     if world > 1:
         model = D.sync_batchnorm(model, device)
     if cfg.channels_last and device.startswith("cuda"):
@@ -367,8 +369,8 @@ def export_weights(path: Path, model: nn.Module, cfg: TrainConfig, step: int) ->
     """The stage's out: the state dict and what `model.build_model` needs to rebuild the network."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save({"model": state, "step": step,
-                       "config": {"tower": cfg.tower, "patch": cfg.net_size, "sample_patch": cfg.data.patch,
-                                  "gap": cfg.data.gap, "jitter": cfg.data.jitter, "color": cfg.augment.color}},
+                       "config": {"tower": cfg.tower, "width": cfg.width, "fc_dim": cfg.fc_dim, "patch": cfg.net_size,
+                                  "sample_patch": cfg.data.patch, "gap": cfg.data.gap, "jitter": cfg.data.jitter, "color": cfg.augment.color}},
                       path)
 
 

@@ -48,7 +48,7 @@ def load_pretrained(path: Path, device: str = "cpu") -> Pretrained:
         raise ValueError(f"{path}: not a pretrain export (missing config keys {missing} or 'model'); "
                          f"rerun the pretrain stage")
     try:
-        model = build_model(config["tower"], int(config["patch"]))
+        model = build_model(config["tower"], int(config["patch"]), config.get("width"), config.get("fc_dim"))
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, ValueError, TypeError) as e:  # weights that do not fit the recorded tower
         raise ValueError(f"{path}: the weights do not fit a {config['tower']!r} network ({e})") from e

@@ -204,7 +204,7 @@ class ContextNet(nn.Module):
     def __init__(self, tower: str = "alexnet", patch: int = 96, width: int | None = None,
                  fc_dim: int | None = None):
         super().__init__()
-        self.tower_name, self.patch = tower, patch
+        self.tower_name, self.patch, self.width, self.fc_dim = tower, patch, width, fc_dim
         self.tower = build_tower(tower, patch, width, fc_dim)
         self.feature_dim: int = self.tower.fc6.out_features
         self.head = build_head(self.feature_dim, self.feature_dim)
@@ -239,8 +239,10 @@ BUILDERS: dict[str, Callable[[int], ContextNet]] = {"alexnet": alexnet, "small":
                                                     "vgg16": vgg16}
 
 
-def build_model(name: str, patch: int) -> ContextNet:
-    """ContextNet for a named variant at its default width and fc size."""
+def build_model(name: str, patch: int, width: int | None = None, fc_dim: int | None = None) -> ContextNet:
+    """ContextNet for a named tower at its default width and fc size, or at the given ones (a narrow VGG)."""
     if name not in BUILDERS:
         raise ValueError(f"build_model: unknown model {name!r}; choose one of {sorted(BUILDERS)}")
-    return BUILDERS[name](patch)
+    if width is None and fc_dim is None:
+        return BUILDERS[name](patch)
+    return ContextNet(name, patch, width, fc_dim)

@@ -14,7 +14,7 @@ from ctxrepro.detection.table import PAPER_TABLE1
 from ctxrepro.normals.table import PAPER_TABLE2, TABLE2_COLUMNS
 
 __all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "TABLE1_OTHER_ROWS", "TABLE1_ORDER", "TABLE1_INIT", "TABLE2_INIT",
-           "TABLE2_COLUMNS", "PaperValue", "SECTION_4_6", "SECTION_4_2", "FIGURE_9", "SECTION_4_5_1",
+           "TABLE2_COLUMNS", "MAIN_VARIANT", "PaperValue", "SECTION_4_6", "SECTION_4_2", "FIGURE_9", "SECTION_4_5_1",
            "PRETRAINING"]
 
 
@@ -46,16 +46,21 @@ TABLE1_ORDER = ("DPM-v5[17]", "[8] w/o context", "Regionlets[58]", "Scratch-R-CN
                 "Ours-rescale", "ImageNet-rescale", "VGG-K-means-rescale", "VGG-Ours-rescale",
                 "VGG-ImageNet-rescale")
 
-# The detect initialisation (models/convert/<init>.pt, metrics/detect/<init>.json) that reproduces a row;
-# which colour mode and tower it needs is decided by `ctxrepro.detection.table.paper_row`. Rows absent here
-# are other papers' methods (R-CNN's own AlexNet rows included) or other data.
-TABLE1_INIT = {"Scratch-Ours": "scratch", "Ours-projection": "ours", "Ours-color-dropping": "ours",
-               "K-means-rescale": "kmeans_rescale", "Ours-rescale": "ours_rescale", "ImageNet-rescale": "imagenet",
-               "VGG-K-means-rescale": "kmeans_rescale", "VGG-Ours-rescale": "ours_rescale",
-               "VGG-ImageNet-rescale": "imagenet"}
+# The pretraining variant whose network the paper describes in sections 4.1-4.6 (metrics/pretrain/<variant>.json).
+MAIN_VARIANT = "color_dropping"
 
-# The normals initialisation that reproduces each row ("Unsup. Tracking" is Wang & Gupta [57]'s method).
-TABLE2_INIT = {"Scratch": "scratch", "Ours": "ours", "ImageNet Labels": "imagenet"}
+# The detect row (convert.rows key '<variant>-<init>': models/convert/<row>.pt, metrics/detect/<row>.json) that
+# reproduces a Table 1 row in the paper profile. Rows absent here are other papers' methods (R-CNN's own
+# AlexNet rows included) or other data.
+TABLE1_INIT = {"Scratch-Ours": "color_dropping-scratch", "Ours-projection": "projection-ours",
+               "Ours-color-dropping": "color_dropping-ours", "ImageNet-R-CNN": "color_dropping-imagenet",
+               "K-means-rescale": "color_dropping-kmeans_rescale", "Ours-rescale": "color_dropping-ours_rescale",
+               "ImageNet-rescale": "color_dropping-imagenet_rescale", "VGG-K-means-rescale": "vgg16-kmeans_rescale",
+               "VGG-Ours-rescale": "vgg16-ours_rescale", "VGG-ImageNet-rescale": "vgg16-imagenet_rescale"}
+
+# The normals row (a convert row) that reproduces each Table 2 row ("Unsup. Tracking" is Wang & Gupta [57]'s).
+TABLE2_INIT = {"Scratch": "color_dropping-scratch", "Ours": "color_dropping-ours",
+               "ImageNet Labels": "color_dropping-imagenet"}
 
 # Section 4.6: pretext accuracy in %, keyed like the pretext_eval metrics they sit beside.
 SECTION_4_6 = {

@@ -22,7 +22,7 @@ from ctxrepro.report import paper_numbers as P
 from ctxrepro.report.tables import RunData
 from ctxrepro.viz import plot_confusion
 
-PRETRAIN_CURVES = Path("dvclive/pretrain/plots/metrics/train")  # stages/pretrain.py: Live("dvclive/pretrain")
+PRETRAIN_CURVES = Path(f"dvclive/pretrain/{P.MAIN_VARIANT}/plots/metrics/train")  # Live("dvclive/pretrain/<variant>")
 DETECT_PLOTS = Path("plots/detect")  # <init>/loss.csv
 CONFUSION = Path("plots/pretext_eval/confusion.csv")
 PURITY = Path("plots/mine/purity_coverage.csv")
@@ -94,10 +94,10 @@ def training_curves(root: Path, run: RunData, out: Path) -> None:
         ax.plot(_floats(table, "step", path), _floats(table, name, path), label="train")
         ax.set_xlabel("step")
         ax.set_title(f"pretext {name} (pretrain)", fontsize=10)
-    chance = (run.get("pretrain") or {}).get("chance")
+    chance = (run.get(f"pretrain/{P.MAIN_VARIANT}") or {}).get("chance")
     if _is_num(chance):
         axes[1].axhline(chance, color="grey", linestyle="--", label=f"chance {chance:.3f}")
-    held = (run.get("pretrain") or {}).get("heldout_accuracy")
+    held = (run.get(f"pretrain/{P.MAIN_VARIANT}") or {}).get("heldout_accuracy")
     if _is_num(held):
         axes[1].axhline(held, color="tab:green", linestyle=":", label=f"held-out {held:.3f}")
     axes[1].legend(fontsize=8)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from ctxrepro.pretext.color import projection_matrix
 from ctxrepro.pretext.model import build_tower
 from ctxrepro.transfer.imagenet import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION
-from ctxrepro.transfer.rescale import (WEIGHT_TYPES, Layers, RescaleConfig, batches, calibrate, channel_moments,
-                                       moment_summary, weight_indices, within_layer_init)
+from ctxrepro.transfer.rescale import (WEIGHT_TYPES, Layers, LayerInputs, RescaleConfig, batches, channel_moments,
+                                       moment_summary, weight_indices)
 from ctxrepro.transfer.trunk import TOWER_PREFIX, Head, Trunk, TrunkSpec, build_trunk, fc_to_conv, figure6_layers
 
 
@@ -45,9 +45,10 @@ def _entry(source: str, target: str, shape: Sequence[int], op: str,
             "source_shape": list(shape if source_shape is None else source_shape)}
 
 
-def transfer_tower(tower: nn.Sequential, trunk: Trunk, source: str = TOWER_PREFIX
+def transfer_tower(tower: nn.Sequential, trunk: nn.Module, source: str = TOWER_PREFIX, prefix: str = "trunk."
                    ) -> tuple[list[dict[str, Any]], list[tuple[str, nn.Module]]]:
-    """Copy a pretext tower's conv weights into the trunk, fc6 into conv6 (reshaped).
+    """Copy a pretext tower's conv weights into `trunk.body` (a Figure 6 trunk or a CaffeNet), fc6 into conv6
+    (reshaped; a tower without fc6 copies only its convs). `prefix` starts the mapping's target names.
 
     Returns the mapping entries and the BN layers to fold, as (trunk layer name, BN module) in order.
     """
@@ -58,7 +59,7 @@ def transfer_tower(tower: nn.Sequential, trunk: Trunk, source: str = TOWER_PREFI
             target.load_state_dict(m.state_dict())
             for p in ("weight", "bias"):
                 shape = m.get_parameter(p).shape
-                mapping.append(_entry(f"{source}{name}.{p}", f"trunk.body.{name}.{p}", shape, "copy"))
+                mapping.append(_entry(f"{source}{name}.{p}", f"{prefix}body.{name}.{p}", shape, "copy"))
             last = name
         elif isinstance(m, nn.Linear) and name == "fc6":
             conv = fc_to_conv(m, trunk.top.conv6.in_channels, trunk.spec.conv6_kernel)
@@ -71,7 +72,7 @@ def transfer_tower(tower: nn.Sequential, trunk: Trunk, source: str = TOWER_PREFI
             if last is None:
                 raise ValueError(f"{source}{name}: batch norm with no conv/fc before it")
             folds.append((last, m))
-            mapping.append(_entry(f"{source}{name}", f"trunk.{'top' if last == 'conv6' else 'body'}.{last}",
+            mapping.append(_entry(f"{source}{name}", f"{prefix}{'top' if last == 'conv6' else 'body'}.{last}",
                                   m.running_mean.shape, "fold"))
     return mapping, folds
 
@@ -86,14 +87,15 @@ def fold_batchnorms(trunk: Trunk, folds: list[tuple[str, nn.Module]], stats: str
     layer's output with every lower BN already folded (what batch norm computes over that data);
     "running": BN's running averages (then the trunk equals the tower in eval mode)."""
     layers = trunk.layers()
+    inputs = LayerInputs(layers, images, batch, device) if images is not None else None
     for name, bn in folds:
         layer = layers[_index(layers, name)][1]
         if stats == "running":
             mean, var = bn.running_mean, bn.running_var
         elif stats == "images":
-            if images is None or len(images) == 0:
+            if inputs is None or len(images) == 0:
                 raise ValueError("fold_batchnorms: bn_stats='images' needs images")
-            mean, var = channel_moments(layers, _index(layers, name), images, batch, device)
+            mean, var = channel_moments(*inputs.at(_index(layers, name)), batch, device)
         else:
             raise ValueError(f"fold_batchnorms: bn_stats={stats!r} is not 'images' or 'running'")
         fold_bn_(layer, mean, var, bn.eps)
@@ -195,10 +197,26 @@ class CropSet:
 
 
 NEW_LAYERS = ("conv6b", "fc7", "fc8")  # Figure 6: these start random in every pretrained init
-# init -> (uses pretrained weights, within-layer method or None = no rescale)
-INITS: dict[str, tuple[bool, str | None]] = {
-    "scratch": (False, None), "ours": (True, None), "ours_rescale": (True, "gaussian"),
-    "kmeans_rescale": (False, "kmeans"), "imagenet": (True, "gaussian")}
+
+
+@dataclass(frozen=True)
+class Init:
+    """One Table 1 initialisation: where its weights come from and which network it builds."""
+
+    weights: str | None  # "ours" (the pretrain variant's export), "imagenet" (convert.imagenet_weights), None
+    network: str  # "figure6" (R-CNN-style rows, `trunk`) or "caffenet" (rescale rows, `caffenet`)
+
+
+# The paper's lower-case init names (section 4.3, Table 1). Figure 6 inits: BN folded, conv6b/fc7/fc8 Xavier,
+# no rescaling. CaffeNet inits: k-means for every layer not copied, then Kraehenbuehl et al.'s rescaling.
+INITS: dict[str, Init] = {
+    "scratch": Init(None, "figure6"),  # Scratch-Ours
+    "ours": Init("ours", "figure6"),  # Ours-projection, Ours-color-dropping
+    "imagenet": Init("imagenet", "figure6"),  # ImageNet-R-CNN
+    "kmeans_rescale": Init(None, "caffenet"),  # K-means-rescale, VGG-K-means-rescale
+    "ours_rescale": Init("ours", "caffenet"),  # Ours-rescale, VGG-Ours-rescale
+    "imagenet_rescale": Init("imagenet", "caffenet"),  # ImageNet-rescale, VGG-ImageNet-rescale (fc kept)
+}
 
 
 def _qualified(trunk: Trunk, head: Head) -> dict[str, str]:
@@ -210,18 +228,17 @@ def _qualified(trunk: Trunk, head: Head) -> dict[str, str]:
 def convert(init: str, spec: TrunkSpec, tower: nn.Sequential | None, crops: CropSet, bn_stats: str, rms: float,
             cfg: RescaleConfig, seed: int, log: logging.Logger, device: str | torch.device = "cpu"
             ) -> tuple[Trunk, Head, list[dict[str, Any]], dict[str, Any]]:
-    """One initialisation of the Figure 6 network (METHOD.md "Transfer"):
+    """One initialisation of the Figure 6 network, the paper's R-CNN rows (METHOD.md "Transfer"):
 
-    scratch: Xavier everywhere. ours: the tower's weights with BN folded, conv6b/fc7/fc8 Xavier.
-    ours_rescale / imagenet: ours, then conv6b/fc7/fc8 Gaussian + within-layer normalisation, then
-    between-layer calibration of every layer. kmeans_rescale: every layer k-means + normalisation,
-    then calibration. Returns (trunk, head, weight mapping, stats) on the CPU.
+    scratch: Xavier everywhere. ours / imagenet: the tower's weights with BN folded, conv6b/fc7/fc8 Xavier.
+    No rescaling (the rescale rows are `ctxrepro.transfer.caffenet`). Returns (trunk, head, weight mapping,
+    stats) on the CPU.
     """
-    pretrained, method = INITS[init]
-    if pretrained != (tower is not None):
-        raise ValueError(f"convert: init {init!r} {'needs' if pretrained else 'takes no'} pretrained weights")
-    gen = torch.Generator().manual_seed(seed)
-    trunk, head = build_trunk(spec if pretrained else replace(spec, color="none"), seed)
+    if INITS[init].network != "figure6":
+        raise ValueError(f"convert: init {init!r} builds the {INITS[init].network} network, not Figure 6's")
+    if (INITS[init].weights is not None) != (tower is not None):
+        raise ValueError(f"convert: init {init!r} {'takes no' if tower is not None else 'needs'} pretrained weights")
+    trunk, head = build_trunk(spec if tower is not None else replace(spec, color="none"), seed)
     trunk, head = trunk.to(device), head.to(device)
     set_input_norm(trunk, crops.fit, rms, cfg.batch)
     mapping, stats = [], {}
@@ -230,14 +247,8 @@ def convert(init: str, spec: TrunkSpec, tower: nn.Sequential | None, crops: Crop
         fold_batchnorms(trunk, folds, bn_stats, crops.fit, cfg.batch, device)
         stats["fold_heldout"] = moment_summary(trunk.layers(), [n for n, _ in folds], crops.heldout, cfg.batch, device)
     layers = figure6_layers(trunk, head)
-    names = [layers[i][0] for i in weight_indices(layers)]
-    new = list(NEW_LAYERS) if pretrained else names
-    if method is not None:
-        stats["within"] = within_layer_init(layers, {n: method for n in new}, crops.fit, cfg, gen, log, device)
-        stats["within_heldout"] = moment_summary(layers, new, crops.heldout, cfg.batch, device)
-        stats["calibration"] = asdict(calibrate(layers, crops.calib.to(device), cfg, gen, log))
+    new = list(NEW_LAYERS) if tower is not None else [layers[i][0] for i in weight_indices(layers)]
     where = _qualified(trunk, head)
     for n in new:
-        kind = stats["within"][n]["method"] if method is not None else "xavier"
-        mapping.append(_entry("-", f"{where[n]}.weight", dict(layers)[n].weight.shape, f"new:{kind}", []))
+        mapping.append(_entry("-", f"{where[n]}.weight", dict(layers)[n].weight.shape, "new:xavier", []))
     return trunk.cpu(), head.cpu(), mapping, stats

@@ -76,6 +76,33 @@ def batches(x: Tensor, size: int) -> Iterator[Tensor]:
         yield x[i:i + size]
 
 
+class LayerInputs:
+    """Every sample's input to layer `pos`, advanced bottom to top, so a bottom-to-top pass over the layers
+    (BN folding, within-layer init, moments) runs each layer once per sample instead of once per layer
+    above it. Held in CPU memory up to `max_bytes`; a larger map is not held, and its layer is reached from
+    the samples themselves (position 0), as without the cache. `at` must be asked for weight layers (never
+    an in-place ReLU, which would overwrite the held map) whose lower layers are final."""
+
+    def __init__(self, layers: Layers, data: Tensor, batch: int, device: str | torch.device = "cpu",
+                 max_bytes: int = 2 ** 31):
+        self.layers, self.data, self.batch, self.device, self.max_bytes = layers, data, batch, device, max_bytes
+        self.x, self.pos = data, 0
+
+    @torch.no_grad()
+    def at(self, index: int) -> tuple[Layers, int, Tensor]:
+        """(layers, index, data) such that `run_layers(layers, data, index)` is layer `index`'s input."""
+        if index < self.pos:
+            self.x, self.pos = self.data, 0
+        if index > self.pos:
+            step = self.layers[self.pos:index]
+            shape = run_layers(step, self.x[:1].to(self.device), len(step)).shape
+            if len(self.x) * math.prod(shape) * 4 <= self.max_bytes:
+                self.x = torch.cat([run_layers(step, xb.to(self.device), len(step)).float().cpu()
+                                    for xb in batches(self.x, self.batch)])
+                self.pos = index
+        return self.layers[self.pos:], index - self.pos, self.x
+
+
 def _channels_first(z: Tensor) -> Tensor:
     """(B, C, H, W) or (B, C) -> (C, B*H*W)."""
     return z.transpose(0, 1).reshape(z.shape[1], -1)
@@ -217,13 +244,14 @@ def within_layer_init(layers: Layers, methods: dict[str, str], data: Tensor, cfg
     unknown = sorted(set(methods) - {layers[i][0] for i in weight_indices(layers)})
     if unknown:
         raise ValueError(f"within_layer_init: no weight layer named {unknown}")
-    report = {}
+    report, inputs = {}, LayerInputs(layers, data, cfg.batch, device)
     for i in weight_indices(layers):
         name = layers[i][0]
         if name not in methods:
             continue
-        used = init_layer(layers, i, methods[name], data, cfg, gen, device)
-        mean, var = channel_moments(layers, i, data, cfg.batch, device)
+        below, j, x = inputs.at(i)
+        used = init_layer(below, j, methods[name], x, cfg, gen, device)
+        mean, var = channel_moments(below, j, x, cfg.batch, device)
         dead = normalize_layer(layers[i][1], mean, var, cfg.beta)
         report[name] = {"method": used, "dead": dead}
         log.info("within-layer init %s: %s, %d constant channel(s)", name, used, dead)
@@ -305,9 +333,9 @@ def moment_summary(layers: Layers, names: Sequence[str], data: Tensor, batch: in
     """Per named layer: the average, average |.| of the channel means and the mean/min/max channel std of
     its output (pre-activation) over `data`."""
     index = {n: i for i, (n, _) in enumerate(layers)}
-    out = {}
-    for name in names:
-        mean, var = channel_moments(layers, index[name], data, batch, device)
+    out, inputs = {}, LayerInputs(layers, data, batch, device)
+    for name in sorted(names, key=index.get):
+        mean, var = channel_moments(*inputs.at(index[name]), batch, device)
         std = var.sqrt()
         out[name] = {"mean": float(mean.mean()), "abs_mean": float(mean.abs().mean()),
                      "std_mean": float(std.mean()), "std_min": float(std.min()), "std_max": float(std.max())}

@@ -68,12 +68,12 @@ class InputNorm(nn.Module):
         return torch.einsum("ij,bjhw->bihw", self.color, x) * self.scale
 
 
-def _body_layers(spec: TrunkSpec) -> tuple[list[tuple[str, nn.Module]], nn.Module]:
-    """The tower's conv stack without its BN layers, and its pool5."""
-    layers = TOWERS[spec.tower](spec.width)
+def body_layers(tower: str, width: int) -> tuple[list[tuple[str, nn.Module]], nn.Module]:
+    """A tower's conv stack without its BN layers, and its pool5."""
+    layers = TOWERS[tower](width)
     name, pool5 = layers[-1]
     if name != "pool5":
-        raise AssertionError(f"{spec.tower} tower ends with {name}, expected pool5")
+        raise AssertionError(f"{tower} tower ends with {name}, expected pool5")
     return [(n, m) for n, m in layers[:-1] if not isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))], pool5
 
 
@@ -83,7 +83,7 @@ class Trunk(nn.Module):
     def __init__(self, spec: TrunkSpec):
         super().__init__()
         self.spec = spec
-        body, pool5 = _body_layers(spec)
+        body, pool5 = body_layers(spec.tower, spec.width)
         self.input = InputNorm()
         self.body = nn.Sequential(OrderedDict(body))
         self.pool5 = pool5
@@ -179,6 +179,7 @@ class Converted:
     mapping: list[dict[str, Any]]
     source: dict[str, Any] | None
     stats: dict[str, Any]
+    network: str = "figure6"  # or "caffenet" (`ctxrepro.transfer.caffenet`: trunk is a CaffeNet, head None)
 
 
 def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Converted:
