@@ -9,9 +9,10 @@ included) leaves either the previous checkpoint or the new one, never a torn fil
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from ctxrepro.io import atomic_write
 
 # Config keys that may change between a checkpoint and its resume: they set the budget, the logging
 # and the speed of a run, not its trajectory (compile changes kernels, not the maths).
-RESUMABLE_KEYS = frozenset({"steps", "max_seconds", "checkpoint_every", "log_every", "workers",
+RESUMABLE_KEYS = frozenset({"steps", "iterations", "max_seconds", "checkpoint_every", "log_every", "workers",
                             "heldout_images", "compile"})
 
 
@@ -74,3 +75,29 @@ def check_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> 
     if diffs:
         raise CheckpointMismatch(f"checkpoint {path} was trained with other params ({'; '.join(diffs)}); "
                                  f"its state is not resumed")
+
+
+def assert_finite_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, where: str) -> None:
+    """Raise FloatingPointError naming the first non-finite parameter, buffer or optimizer state tensor:
+    a checkpoint must never hold a state that cannot be resumed."""
+    named = [(f"model {k}", v) for k, v in model.state_dict().items()]
+    named += [(f"optimizer state {i}.{k}", v) for i, st in optimizer.state_dict()["state"].items()
+              for k, v in st.items()]
+    for name, value in named:
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise FloatingPointError(f"{where}: {name} holds non-finite values; the checkpoint is not written "
+                                     f"(the last good one is kept): lower the learning rate")
+
+
+def digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
+    """A BLAKE2b hex digest of the arrays' shapes, dtypes and bytes (read in row chunks, so memmaps stay on
+    disk): the identity of a run's starting weights and training data, stored with its checkpoint."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        rows = a.reshape(a.shape[0], int(np.prod(a.shape[1:]))) if a.ndim else a.reshape(1, 1)
+        step = max(1, (64 << 20) // max(rows[:1].nbytes, 1))
+        for lo in range(0, len(rows), step):
+            h.update(np.ascontiguousarray(rows[lo:lo + step]).data)
+    return h.hexdigest()
