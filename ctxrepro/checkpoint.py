@@ -10,6 +10,7 @@ included) leaves either the previous checkpoint or the new one, never a torn fil
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from pathlib import Path
 from typing import Any, Iterable
@@ -101,3 +102,38 @@ def digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
         for lo in range(0, len(rows), step):
             h.update(np.ascontiguousarray(rows[lo:lo + step]).data)
     return h.hexdigest()
+
+
+def resumable(path: Path, record: dict[str, Any], position: str, budget: int,
+              log: logging.Logger) -> dict[str, Any] | None:
+    """The checkpoint at `path` when it belongs to this run, else None: none there, another record (the
+    differences are logged as a warning: under `dvc repro` changed params mean a new run, whose first checkpoint
+    overwrites the old state), or a `position` (step, iteration) beyond this run's `budget`."""
+    ckpt = load_checkpoint(path)
+    if ckpt is None:
+        log.info("no checkpoint at %s: starting at %s 0", path, position)
+        return None
+    try:
+        check_config(ckpt["config"], record, path)
+        if ckpt[position] > budget:
+            raise CheckpointMismatch(f"checkpoint {path} is at {position} {ckpt[position]}, beyond this run's {budget}")
+    except CheckpointMismatch as e:
+        log.warning("%s: starting afresh at %s 0", e, position)
+        return None
+    log.info("resuming from %s at %s %d", path, position, ckpt[position])
+    return ckpt
+
+
+def restore_state(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a `save_state` checkpoint's model, optimizer and global RNG states."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    restore_rng(ckpt["rng"])
+
+
+def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, where: str,
+               **extra: Any) -> None:
+    """Atomically checkpoint a verified-finite model and optimizer, every global RNG state and `extra`."""
+    assert_finite_state(model, optimizer, where)
+    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": capture_rng(),
+                       **extra}, path)

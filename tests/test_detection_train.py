@@ -126,6 +126,7 @@ def test_zero_and_two_workers_give_identical_losses(images, reference, tmp_path)
     assert_same_checkpoint(reference[0], tmp_path / "last.pt")
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_bit_identical(images, reference, tmp_path):
     """A child process SIGKILLs itself as iteration 7 starts (its last checkpoint is iteration 6)."""
     state = tmp_path / "last.pt"

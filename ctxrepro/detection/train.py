@@ -22,8 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ctxrepro.checkpoint import (CheckpointMismatch, assert_finite_state, atomic_torch_save, capture_rng,
-                                 check_config, digest, load_checkpoint, restore_rng)
+from ctxrepro.checkpoint import digest, restore_state, resumable, save_state
 from ctxrepro.detection.loader import Batch, IterationBatches, make_loader
 from ctxrepro.detection.model import FastRCNN, multitask_loss
 from ctxrepro.detection.roidb import Entry
@@ -98,35 +97,6 @@ def run_record(model: FastRCNN, entries: Sequence[Entry], sampling: SamplingConf
             "start_weights": digest(model.state_dict().values()), "roidb": digest(roidb)}
 
 
-def _resume(run: _Run, model: FastRCNN, opt: torch.optim.Optimizer, record: dict, path: Path,
-            log: logging.Logger) -> None:
-    ckpt = load_checkpoint(path)
-    if ckpt is None:
-        log.info("no checkpoint at %s: starting at iteration 0", path)
-        return
-    try:
-        check_config(ckpt["config"], record, path)
-        if ckpt["iteration"] > record["iterations"]:
-            raise CheckpointMismatch(f"checkpoint {path} is at iteration {ckpt['iteration']}, beyond this run's "
-                                     f"{record['iterations']}")
-    except CheckpointMismatch as e:
-        # under `dvc repro` a changed param means a new run: the old state is overwritten at the first checkpoint
-        log.warning("%s: starting afresh at iteration 0", e)
-        return
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    restore_rng(ckpt["rng"])
-    run.iteration, run.history, run.window = ckpt["iteration"], ckpt["history"], ckpt["window"]
-    log.info("resumed from %s at iteration %d", path, run.iteration)
-
-
-def _save(run: _Run, model: FastRCNN, opt: torch.optim.Optimizer, record: dict, path: Path) -> None:
-    assert_finite_state(model, opt, f"detect iteration {run.iteration}")
-    atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": capture_rng(),
-                       "iteration": run.iteration, "history": run.history, "window": run.window,
-                       "config": record}, path)
-
-
 def _step(model: FastRCNN, opt: torch.optim.Optimizer, batch: Batch, solver: SolverConfig) -> list[float] | None:
     """One SGD step on the multi-task loss; (loss, cls, box, foreground share), or None for a batch without RoIs."""
     lr = set_lr(opt, solver, batch.iteration)
@@ -163,8 +133,10 @@ def train(model: FastRCNN, entries: Sequence[Entry], sampling: SamplingConfig, s
     opt = build_optimizer(model, solver)
     run = _Run()
     record = run_record(model, entries, sampling, solver, seed)
-    if state is not None:
-        _resume(run, model, opt, record, state, log)
+    ckpt = resumable(state, record, "iteration", solver.iterations, log) if state is not None else None
+    if ckpt is not None:
+        restore_state(ckpt, model, opt)
+        run = _Run(ckpt["iteration"], ckpt["history"], ckpt["window"])
     model.train()
     dataset = IterationBatches(entries, sampling, solver.images_per_batch, solver.flip, solver.scale,
                                solver.max_size, seed, solver.iterations)
@@ -177,5 +149,5 @@ def train(model: FastRCNN, entries: Sequence[Entry], sampling: SamplingConfig, s
         if (run.iteration % solver.log_every == 0 or last) and run.window:
             _flush(run, solver, log)
         if state is not None and (run.iteration % solver.checkpoint_every == 0 or last):
-            _save(run, model, opt, record, state)
+            save_state(state, model, opt, f"detect iteration {run.iteration}", config=record, **asdict(run))
     return run.history
