@@ -90,17 +90,21 @@ def assert_finite_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
                                      f"(the last good one is kept): lower the learning rate")
 
 
-def digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
-    """A BLAKE2b hex digest of the arrays' shapes, dtypes and bytes (read in row chunks, so memmaps stay on
-    disk): the identity of a run's starting weights and training data, stored with its checkpoint."""
+def digest(arrays: Iterable[Any]) -> str:
+    """A BLAKE2b hex digest of arrays' dtypes, shapes and bytes: the identity of a run's starting weights and
+    training data, stored with its checkpoints. Arrays are tensors, numpy arrays or anything with `shape`,
+    `dtype` and row slicing (a file of rows); they are read in chunks of rows, so files stay on disk."""
     h = hashlib.blake2b(digest_size=16)
     for a in arrays:
-        a = a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
-        h.update(f"{a.dtype.str}{a.shape};".encode())
-        rows = a.reshape(a.shape[0], int(np.prod(a.shape[1:]))) if a.ndim else a.reshape(1, 1)
-        step = max(1, (64 << 20) // max(rows[:1].nbytes, 1))
-        for lo in range(0, len(rows), step):
-            h.update(np.ascontiguousarray(rows[lo:lo + step]).data)
+        a = a.detach().cpu().numpy() if torch.is_tensor(a) else a if hasattr(a, "shape") else np.asarray(a)
+        h.update(f"{np.dtype(a.dtype).str}{tuple(a.shape)};".encode())
+        if len(a.shape) == 0:
+            h.update(np.ascontiguousarray(a).data)
+            continue
+        row = np.dtype(a.dtype).itemsize * int(np.prod(a.shape[1:]))
+        step = max(1, (64 << 20) // max(row, 1))
+        for lo in range(0, a.shape[0], step):
+            h.update(np.ascontiguousarray(a[lo:lo + step]).data)
     return h.hexdigest()
 
 
