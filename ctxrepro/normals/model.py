@@ -268,24 +268,23 @@ def train_normals(net: NormalsNet, data: TrainSet, codebook: np.ndarray, s: Trai
     opt = _optimizer(net, s)
     record = _record(net, data, codebook, s) if state is not None else {}  # before a resume loads weights
     run = _start(net, opt, record, s, state, log)
-    start = time.monotonic()
+    start, elapsed = time.monotonic(), run.seconds
     for step in range(run.step + 1, s.steps + 1):
         idx = torch.randint(len(data.images), (s.batch,), generator=run.batches)
         flips = torch.rand(s.batch, generator=run.batches) < (0.5 if s.flip else 0.0)  # drawn either way
         x, codes = _batch(data, idx, flips, book, device)
         if not (codes == IGNORE).all():  # a batch without any ground truth teaches nothing
             run.window.append(_update(net, opt, x, codes, step))
-        run.step = step
+        run.step, elapsed = step, run.seconds + time.monotonic() - start
         if (step % s.log_every == 0 or step == s.steps) and run.window:
             run.losses.append(float(torch.stack(run.window).mean()))
             run.window = []
-            log.info("normals step %d/%d: loss %.4f (%.1fs)", step, s.steps, run.losses[-1],
-                     run.seconds + time.monotonic() - start)
+            log.info("normals step %d/%d: loss %.4f (%.1fs)", step, s.steps, run.losses[-1], elapsed)
         if state is not None and (step % s.checkpoint_every == 0 or step == s.steps):
-            save_state(state, net, opt, f"normals step {step}", config=record,
-                       **{**run.saved(), "seconds": run.seconds + time.monotonic() - start})
-    return {"train_loss": run.losses[-1] if run.losses else math.nan,
-            "train_seconds": round(run.seconds + time.monotonic() - start, 2), "steps": s.steps}
+            save_state(state, net, opt, f"normals step {step}", config=record, **{**run.saved(), "seconds": elapsed})
+    # the seconds of the last checkpoint: a rerun that resumes at the end reports the same
+    return {"train_loss": run.losses[-1] if run.losses else math.nan, "train_seconds": round(elapsed, 2),
+            "steps": s.steps}
 
 
 @torch.no_grad()
