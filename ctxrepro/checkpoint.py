@@ -9,9 +9,11 @@ included) leaves either the previous checkpoint or the new one, never a torn fil
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from ctxrepro.io import atomic_write
 
 # Config keys that may change between a checkpoint and its resume: they set the budget, the logging
 # and the speed of a run, not its trajectory (compile changes kernels, not the maths).
-RESUMABLE_KEYS = frozenset({"steps", "max_seconds", "checkpoint_every", "log_every", "workers",
+RESUMABLE_KEYS = frozenset({"steps", "iterations", "max_seconds", "checkpoint_every", "log_every", "workers",
                             "heldout_images", "compile"})
 
 
@@ -98,3 +100,68 @@ def check_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> 
     if diffs:
         raise CheckpointMismatch(f"checkpoint {path} was trained with other params ({'; '.join(diffs)}); "
                                  f"its state is not resumed")
+
+
+def assert_finite_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, where: str) -> None:
+    """Raise FloatingPointError naming the first non-finite parameter, buffer or optimizer state tensor:
+    a checkpoint must never hold a state that cannot be resumed."""
+    named = [(f"model {k}", v) for k, v in model.state_dict().items()]
+    named += [(f"optimizer state {i}.{k}", v) for i, st in optimizer.state_dict()["state"].items()
+              for k, v in st.items()]
+    for name, value in named:
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise FloatingPointError(f"{where}: {name} holds non-finite values; the checkpoint is not written "
+                                     f"(the last good one is kept): lower the learning rate")
+
+
+def digest(arrays: Iterable[Any]) -> str:
+    """A BLAKE2b hex digest of arrays' dtypes, shapes and bytes: the identity of a run's starting weights and
+    training data, stored with its checkpoints. Arrays are tensors, numpy arrays or anything with `shape`,
+    `dtype` and row slicing (a file of rows); they are read in chunks of rows, so files stay on disk."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = a.detach().cpu().numpy() if torch.is_tensor(a) else a if hasattr(a, "shape") else np.asarray(a)
+        h.update(f"{np.dtype(a.dtype).str}{tuple(a.shape)};".encode())
+        if len(a.shape) == 0:
+            h.update(np.ascontiguousarray(a).data)
+            continue
+        row = np.dtype(a.dtype).itemsize * int(np.prod(a.shape[1:]))
+        step = max(1, (64 << 20) // max(row, 1))
+        for lo in range(0, a.shape[0], step):
+            h.update(np.ascontiguousarray(a[lo:lo + step]).data)
+    return h.hexdigest()
+
+
+def resumable(path: Path, record: dict[str, Any], position: str, budget: int,
+              log: logging.Logger) -> dict[str, Any] | None:
+    """The checkpoint at `path` when it belongs to this run, else None: none there, another record (the
+    differences are logged as a warning: under `dvc repro` changed params mean a new run, whose first checkpoint
+    overwrites the old state), or a `position` (step, iteration) beyond this run's `budget`."""
+    ckpt = load_checkpoint(path)
+    if ckpt is None:
+        log.info("no checkpoint at %s: starting at %s 0", path, position)
+        return None
+    try:
+        check_config(ckpt["config"], record, path)
+        if ckpt[position] > budget:
+            raise CheckpointMismatch(f"checkpoint {path} is at {position} {ckpt[position]}, beyond this run's {budget}")
+    except CheckpointMismatch as e:
+        log.warning("%s: starting afresh at %s 0", e, position)
+        return None
+    log.info("resuming from %s at %s %d", path, position, ckpt[position])
+    return ckpt
+
+
+def restore_state(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a `save_state` checkpoint's model, optimizer and global RNG states."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    restore_rng(ckpt["rng"])
+
+
+def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, where: str,
+               **extra: Any) -> None:
+    """Atomically checkpoint a verified-finite model and optimizer, every global RNG state and `extra`."""
+    assert_finite_state(model, optimizer, where)
+    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": capture_rng(),
+                       **extra}, path)

@@ -33,6 +33,7 @@ PROPOSALS = Path("data/proposals/voc2007")
 PROPOSALS_INDEX = "index.json"
 RESULTS = Path("results/detect")
 MODELS = Path("models/detect")
+STATE = Path("models/detect_state")  # <row>/last.pt: resume state, a `persist: true` out
 METRICS = Path("metrics/detect")
 PLOTS = Path("plots/detect")
 DETECT_SEED = 70  # derive_seed purpose; the same for every row, so only the initialisation differs
@@ -72,6 +73,8 @@ class Params:
     max_per_class: int = param(100, min=1, help="test: detections per class per image (Fast R-CNN: 100)")
     roi_chunk: int = param(1000, min=1, help="test: RoIs per head pass (memory bound)")
     log_every: int = param(20, min=1, help="iterations per loss log line and loss-plot point")
+    checkpoint_every: int = param(1000, min=1, help="iterations between resumable checkpoints")
+    workers: int = param(4, min=0, help="DataLoader processes reading, scaling and sampling batches")
     profile_note: str = param("", help="what this profile scales down from the paper, copied to the metrics")
 
     def __post_init__(self) -> None:
@@ -84,7 +87,7 @@ class Params:
     def solver(self) -> SolverConfig:
         return SolverConfig(self.iterations, self.images_per_batch, self.optimizer, self.lr, self.lr_step,
                             self.gamma, self.momentum, self.weight_decay, self.bias_lr_mult, self.flip, self.scale,
-                            self.max_size, self.log_every)
+                            self.max_size, self.log_every, self.checkpoint_every, self.workers)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.rois_per_image, self.fg_fraction, self.fg_thresh, self.bg_hi, self.bg_lo)
@@ -147,7 +150,7 @@ def run(params: Params, ctx: StageContext) -> None:
     model.to(ctx.device)
     try:
         history = train(model, train_db, p.sampling(), p.solver(), derive_seed(ctx.base.seed, DETECT_SEED, 0),
-                        ctx.device, log)
+                        ctx.device, log, root / STATE / p.row / "last.pt")
     except (OSError, ValueError, FloatingPointError) as e:
         raise StageError(f"detect ({p.row}): {e}") from e
     trained = time.monotonic()

@@ -13,7 +13,7 @@ from ctxrepro.config import param
 from ctxrepro.data.nyu import SHAPE_HW
 from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
 from ctxrepro.metrics.normals import NormalsEvalError
-from ctxrepro.normals.data import GT_SOURCES, ground_truth, load_images, load_train, open_nyu, vocab_path
+from ctxrepro.normals.data import GT_SOURCES, ground_truth, load_images, load_train, open_nyu, scratch_dir, vocab_path
 from ctxrepro.normals.depth import PlaneFit
 from ctxrepro.normals.grid import cell_grid
 from ctxrepro.normals.model import (KMEANS_SEED, TrainSettings, build_net, kmeans_codebook, load_vocab, predict_coarse,
@@ -26,6 +26,8 @@ from ctxrepro.transfer.trunk import load_trunk
 NYU_DIR = Path("data/raw/nyuv2")
 TRUNKS = Path("models/convert")
 PREDICTIONS = Path("data/normals")
+SCRATCH = Path("data/normals/.inputs")  # <init>/: the run's input-size images, removed when it ends
+STATE = Path("models/normals_state")  # <init>/last.pt: resume state, a `persist: true` out
 METRICS = Path("metrics/normals")
 PLOTS = Path("plots/normals")
 
@@ -54,6 +56,7 @@ class Params:
     weight_decay: float = param(5e-4, min=0.0, help="weight decay")
     flip: bool = param(True, help="random horizontal flips (x of the target normals changes sign)")
     log_every: int = param(100, min=1, help="steps between loss log lines")
+    checkpoint_every: int = param(1000, min=1, help="steps between resumable checkpoints")
     eval_batch: int = param(8, min=1, help="test images per forward pass")
     examples: int = param(4, min=1, max=32, help="test images in the PNG")
     depth_fit: PlaneFit = param(PlaneFit(), help="plane fit for normals from depth (ctxrepro.normals.depth)")
@@ -68,7 +71,7 @@ class Params:
 
     def settings(self, seed: int) -> TrainSettings:
         return TrainSettings(self.steps, self.batch, self.optimizer, self.lr, self.trunk_lr_mult, self.momentum,
-                             self.weight_decay, self.flip, seed, self.log_every)
+                             self.weight_decay, self.flip, seed, self.log_every, self.checkpoint_every)
 
 
 def _codebook(p: Params, gt_name: str, nyu_dir: Path, sample: np.ndarray, seed: int, log) -> tuple[np.ndarray, str]:
@@ -84,7 +87,7 @@ def _codebook(p: Params, gt_name: str, nyu_dir: Path, sample: np.ndarray, seed: 
     return kmeans_codebook(sample, p.clusters, p.kmeans_iters, derive_seed(seed, KMEANS_SEED, 1)), "kmeans"
 
 
-def _fine_tune(p: Params, ctx: StageContext, nyu, train_idx, gt, gt_name: str, nyu_dir: Path):
+def _fine_tune(p: Params, ctx: StageContext, nyu, train_idx, gt, gt_name: str, nyu_dir: Path, scratch: Path):
     """Load the trunk, build the training set and codebook, fine-tune; (net, codebook, stats)."""
     trunk_path = ctx.root / TRUNKS / f"{p.init}.pt"
     trunk = load_trunk(trunk_path, ctx.device)
@@ -96,11 +99,12 @@ def _fine_tune(p: Params, ctx: StageContext, nyu, train_idx, gt, gt_name: str, n
     ctx.log.info("cells centred at y = %.1f + %.1f i, x = %.1f + %.1f j frame px (receptive-field centres)",
                  grid.ys[0], grid.step[0], grid.xs[0], grid.step[1])
     data, sample = load_train(nyu, gt, train_idx, p.input_size, grid, p.min_valid, p.kmeans_samples,
-                              derive_seed(ctx.base.seed, KMEANS_SEED, 0), ctx.log)
+                              derive_seed(ctx.base.seed, KMEANS_SEED, 0), ctx.log, scratch)
     book, book_name = _codebook(p, gt_name, nyu_dir, sample, ctx.base.seed, ctx.log)
     ctx.log.info("targets: %.1f%% of training grid cells have ground truth", 100.0 * data.valid.mean())
     net = build_net(trunk, channels, p.head_channels, len(book), ctx.base.seed)
-    stats = train_normals(net, data, book, p.settings(ctx.base.seed), ctx.device, ctx.log)
+    stats = train_normals(net, data, book, p.settings(ctx.base.seed), ctx.device, ctx.log,
+                          ctx.root / STATE / p.init / "last.pt")
     return net, book, grid, {**stats, "codebook": book_name, "grid": (h, w)}
 
 
@@ -109,12 +113,12 @@ def run(params: Params, ctx: StageContext) -> None:
     nyu_dir = ctx.root / NYU_DIR
     try:
         nyu, train_idx, test_idx = open_nyu(nyu_dir)
-        with nyu:
+        with nyu, scratch_dir(ctx.root / SCRATCH / params.init) as scratch:
             gt, gt_name = ground_truth(nyu_dir, params.gt_source, nyu, params.depth_fit)
             ctx.log.info("NYUv2: %d train / %d test images, ground truth from %s", len(train_idx), len(test_idx),
                          gt_name)
-            net, book, grid, stats = _fine_tune(params, ctx, nyu, train_idx, gt, gt_name, nyu_dir)
-            coarse = predict_coarse(net, load_images(nyu, test_idx, params.input_size, ctx.log), book,
+            net, book, grid, stats = _fine_tune(params, ctx, nyu, train_idx, gt, gt_name, nyu_dir, scratch)
+            coarse = predict_coarse(net, load_images(nyu, test_idx, params.input_size, ctx.log, scratch), book,
                                     params.eval_batch, ctx.device)
             pred_path = ctx.root / PREDICTIONS / params.init / "predictions.npz"
             result = evaluate_and_store(coarse, test_idx, gt, nyu.image, grid, pred_path, params.examples)

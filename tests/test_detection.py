@@ -14,7 +14,7 @@ from ctxrepro.detection import table
 from ctxrepro.detection.infer import nms_per_class, results_lines
 from ctxrepro.detection.model import FastRCNN, Output, box_targets, multitask_loss, unnormalise
 from ctxrepro.detection.sampling import SamplingConfig, sample_rois
-from ctxrepro.detection.train import SolverConfig, image_order, set_lr
+from ctxrepro.detection.train import SolverConfig, set_lr
 from ctxrepro.transfer.trunk import TrunkSpec, build_trunk
 
 # ---- boxes -------------------------------------------------------------------------------------------------
@@ -148,16 +148,13 @@ def test_model_shapes_and_roi_pooling_per_image():
     assert _tiny_model(False)(images, rois).deltas is None
 
 
-def test_solver_schedule_and_image_order():
+def test_solver_schedule():
     solver = SolverConfig(lr=0.01, lr_step=10, gamma=0.1, bias_lr_mult=2.0)
     opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]},
                            {"params": [torch.zeros(1, requires_grad=True)]}], lr=1.0)
     assert set_lr(opt, solver, 9) == pytest.approx(0.01)
     assert set_lr(opt, solver, 25) == pytest.approx(0.0001)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0001, 0.0002])
-    order = image_order(3, flips=True, seed=0)
-    epoch = [next(order) for _ in range(6)]
-    assert sorted(epoch) == [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True)]
 
 
 # ---- NMS and results files ---------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def _ctx(root: Path) -> StageContext:
 
 def _detect_params(**kw) -> detect.Params:
     base = dict(row="color_dropping-scratch", classes=("car", "bus"), scale=64, max_size=100, iterations=3,
-                rois_per_image=16, score_thresh=0.0, lr=0.01, log_every=1, profile_note="unit test")
+                rois_per_image=16, score_thresh=0.0, lr=0.01, log_every=1, workers=1, profile_note="unit test")
     return detect.Params(**{**base, **kw})
 
 
@@ -145,8 +145,10 @@ def test_detect_stage_hand_checkable_outputs(world):
     assert "| Scratch-Ours | paper | 65.9 | 50.6 |" in table
     saved = torch.load(world / "models/detect/color_dropping-scratch.pt", weights_only=True)
     assert saved["init"] == "scratch" and "fc8.weight" in saved["model"] and "bbox_pred.weight" not in saved["model"]
+    state = torch.load(world / "models/detect_state/color_dropping-scratch/last.pt", weights_only=True)
+    assert state["iteration"] == 3 and state["config"]["iterations"] == 3  # the resume state
     first = {f.name: f.read_bytes() for f in files}
-    detect.run(_detect_params(), _ctx(world))  # same seed, same outputs
+    detect.run(_detect_params(), _ctx(world))  # same seed, same outputs (resumed at its end: no training)
     assert {f.name: f.read_bytes() for f in sorted(results.glob("comp4_det_test_*.txt"))} == first
 
 

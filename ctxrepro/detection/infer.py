@@ -23,7 +23,7 @@ from ctxrepro.data.voc import VOC_CLASSES
 from ctxrepro.detection.boxes import clip, decode
 from ctxrepro.detection.model import BOX_STDS, FastRCNN, unnormalise
 from ctxrepro.detection.roidb import Entry
-from ctxrepro.detection.train import load_image, to_tensor
+from ctxrepro.detection.loader import load_image, to_tensor
 from ctxrepro.io import atomic_write_text
 from ctxrepro.metrics.voc import results_path
 from ctxrepro.progress import track

@@ -1,26 +1,32 @@
 """Fast R-CNN fine-tuning (paper section 4.3: "we fine-tune this network"; Fast R-CNN's solver, DATA.md).
 
-Each iteration takes `images_per_batch` images from a seeded shuffle of the training images and, with flips
-on, their mirror images (Fast R-CNN appends a flipped copy of every image to the roidb), scales each one,
-samples its RoIs (`sampling.sample_rois`) and takes one SGD step on the multi-task loss. Caffe's
-convention: biases learn at `bias_lr_mult` times the rate, without weight decay.
+Each iteration takes a mini-batch from `loader` (images from a seeded shuffle of the training images and their
+mirror images, scaled, with sampled RoIs; built in DataLoader workers) and takes one SGD step on the multi-task
+loss. Caffe's convention: biases learn at `bias_lr_mult` times the rate, without weight decay.
+
+The run is resumable (as `pretrain`, `ctxrepro.checkpoint`): every `checkpoint_every` iterations the model, the
+optimizer, every RNG state (dropout draws from torch's), the iteration, the loss history and the run's record
+are written atomically. Batches are a pure function of (seed, iteration), so a run killed at any moment and
+rerun ends bit-identical to an uninterrupted one (CPU, same threads). The record holds the params and digests
+of the starting weights and of the roidb: a run whose params, trunk or proposals changed starts afresh.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from ctxrepro.detection.boxes import encode, flip
-from ctxrepro.detection.model import BOX_STDS, FastRCNN, box_targets, multitask_loss
-from ctxrepro.detection.roidb import Entry, image_scale, read_rgb, scale_image
-from ctxrepro.detection.sampling import SamplingConfig, sample_rois
+from ctxrepro.checkpoint import digest, restore_state, resumable, save_state
+from ctxrepro.detection.loader import Batch, IterationBatches, make_loader
+from ctxrepro.detection.model import FastRCNN, multitask_loss
+from ctxrepro.detection.roidb import Entry
+from ctxrepro.detection.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -41,61 +47,12 @@ class SolverConfig:
     scale: int = 600
     max_size: int = 1000
     log_every: int = 20
+    checkpoint_every: int = 1000  # iterations between resumable checkpoints
+    workers: int = 4  # DataLoader processes building batches (0: the training process)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"SolverConfig.optimizer={self.optimizer!r}: 'sgd' or 'adam'")
-
-
-@dataclass(frozen=True)
-class Batch:
-    images: list[Tensor]  # (3, H, W) float 0..255, scaled
-    rois: list[Tensor]  # (R_i, 4) in scaled pixels
-    labels: Tensor  # (R,)
-    targets: Tensor  # (R, 4) normalised regression targets (meaningful where labels > 0)
-
-
-def image_order(n: int, flips: bool, seed: int) -> Iterator[tuple[int, bool]]:
-    """Endless epochs of a seeded shuffle of (image index, flipped)."""
-    items = [(i, f) for f in ((False, True) if flips else (False,)) for i in range(n)]
-    rng = np.random.default_rng(seed)
-    while True:
-        for k in rng.permutation(len(items)):
-            yield items[k]
-
-
-def load_image(entry: Entry, flipped: bool, scale: int, max_size: int) -> tuple[np.ndarray, float]:
-    """(scaled RGB image, scale factor); mirrored when `flipped`."""
-    rgb = read_rgb(entry.path, entry.height, entry.width)
-    if flipped:
-        rgb = rgb[:, ::-1]
-    factor = image_scale(entry.height, entry.width, scale, max_size)
-    return np.ascontiguousarray(scale_image(rgb, factor)), factor
-
-
-def to_tensor(rgb: np.ndarray, device: str | torch.device) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().to(device)
-
-
-def make_batch(entries: Sequence[Entry], picks: Sequence[tuple[int, bool]], sampling: SamplingConfig,
-               solver: SolverConfig, rng: np.random.Generator, device: str | torch.device) -> Batch:
-    images, rois, labels, targets = [], [], [], []
-    for index, flipped in picks:
-        e = entries[index]
-        props = flip(e.proposals, e.width) if flipped else e.proposals
-        gts = flip(e.gt_boxes, e.width) if flipped else e.gt_boxes
-        s = sample_rois(props, gts, e.gt_classes, sampling, rng)
-        if len(s.rois) == 0:
-            continue
-        rgb, factor = load_image(e, flipped, solver.scale, solver.max_size)
-        images.append(to_tensor(rgb, device))
-        rois.append(torch.from_numpy(s.rois * factor).float().to(device))
-        labels.append(torch.from_numpy(s.labels))
-        # Targets are scale-invariant, so they come from the unscaled boxes (as Fast R-CNN's roidb)
-        targets.append(box_targets(encode(torch.from_numpy(s.rois), torch.from_numpy(s.gt_boxes)), BOX_STDS))
-    if not images:
-        return Batch([], [], torch.zeros(0, dtype=torch.long), torch.zeros(0, 4))
-    return Batch(images, rois, torch.cat(labels).to(device), torch.cat(targets).float().to(device))
 
 
 def build_optimizer(model: FastRCNN, solver: SolverConfig) -> torch.optim.Optimizer:
@@ -108,44 +65,89 @@ def build_optimizer(model: FastRCNN, solver: SolverConfig) -> torch.optim.Optimi
     return torch.optim.SGD(groups, momentum=solver.momentum)
 
 
-def set_lr(opt: torch.optim.Optimizer, solver: SolverConfig, iteration: int) -> float:
+def lr_at(solver: SolverConfig, iteration: int) -> float:
     """Caffe's "step" policy: lr * gamma ^ floor(iteration / lr_step)."""
-    lr = solver.lr * solver.gamma ** (iteration // solver.lr_step)
+    return solver.lr * solver.gamma ** (iteration // solver.lr_step)
+
+
+def set_lr(opt: torch.optim.Optimizer, solver: SolverConfig, iteration: int) -> float:
+    lr = lr_at(solver, iteration)
     for group, mult in zip(opt.param_groups, (1.0, solver.bias_lr_mult)):
         group["lr"] = lr * mult
     return lr
 
 
+
+
+@dataclass
+class _Run:
+    """What a checkpoint saves besides the model and optimizer."""
+
+    iteration: int = 0  # completed iterations = the next batch's index
+    history: list[dict] = field(default_factory=list)
+    window: list[list[float]] = field(default_factory=list)  # (loss, cls, box, fg) since the last history row
+
+
+def run_record(model: FastRCNN, entries: Sequence[Entry], sampling: SamplingConfig, solver: SolverConfig,
+               seed: int) -> dict[str, Any]:
+    """The identity of a run (stored in its checkpoints, compared on resume): params, starting weights, roidb."""
+    roidb = [np.array([e.image_id for e in entries]), np.array([(e.height, e.width) for e in entries])]
+    roidb += [a for e in entries for a in (e.gt_boxes, e.gt_classes, e.proposals)]
+    return {**asdict(solver), **asdict(sampling), "seed": seed, "dropout": model.drop7.p,
+            "start_weights": digest(model.state_dict().values()), "roidb": digest(roidb)}
+
+
+def _step(model: FastRCNN, opt: torch.optim.Optimizer, batch: Batch, solver: SolverConfig) -> list[float] | None:
+    """One SGD step on the multi-task loss; (loss, cls, box, foreground share), or None for a batch without RoIs."""
+    lr = set_lr(opt, solver, batch.iteration)
+    if not batch.images:
+        return None
+    cls, box = multitask_loss(model(batch.images, batch.rois), batch.labels, batch.targets)
+    loss = cls + box
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"detect: loss {loss.item()} at iteration {batch.iteration} (lr {lr:g}): "
+                                 f"lower detect.lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return [loss.item(), cls.item(), box.item(), (batch.labels > 0).float().mean().item()]
+
+
+def _flush(run: _Run, solver: SolverConfig, log: logging.Logger) -> None:
+    mean = np.mean(run.window, axis=0)
+    lr = lr_at(solver, run.iteration - 1)
+    run.history.append({"iteration": run.iteration, "loss": float(mean[0]), "loss_cls": float(mean[1]),
+                        "loss_box": float(mean[2]), "fg_fraction": float(mean[3]), "lr": lr})
+    log.info("iter %d/%d: loss %.4f (cls %.4f, box %.4f), fg %.2f, lr %g", run.iteration, solver.iterations,
+             *mean, lr)
+    run.window = []
+
+
 def train(model: FastRCNN, entries: Sequence[Entry], sampling: SamplingConfig, solver: SolverConfig, seed: int,
-          device: str | torch.device, log: logging.Logger) -> list[dict]:
-    """Fine-tune `model` in place; returns the loss history, one row per `log_every` iterations (mean over them)."""
+          device: str | torch.device, log: logging.Logger, state: Path | None = None) -> list[dict]:
+    """Fine-tune `model` in place, resuming from and checkpointing to `state` (None: neither); returns the loss
+    history, one row per `log_every` iterations (mean over them)."""
     if not entries:
         raise ValueError("train: no training images")
     torch.manual_seed(seed)  # dropout draws from the global generator
-    rng = np.random.default_rng(seed)
-    order = image_order(len(entries), solver.flip, seed)
     opt = build_optimizer(model, solver)
+    run = _Run()
+    record = run_record(model, entries, sampling, solver, seed)
+    ckpt = resumable(state, record, "iteration", solver.iterations, log) if state is not None else None
+    if ckpt is not None:
+        restore_state(ckpt, model, opt)
+        run = _Run(ckpt["iteration"], ckpt["history"], ckpt["window"])
     model.train()
-    history, window = [], []
-    for it in range(solver.iterations):
-        lr = set_lr(opt, solver, it)
-        batch = make_batch(entries, [next(order) for _ in range(solver.images_per_batch)], sampling, solver, rng,
-                           device)
-        if not batch.images:
-            continue
-        cls, box = multitask_loss(model(batch.images, batch.rois), batch.labels, batch.targets)
-        loss = cls + box
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"detect: loss {loss.item()} at iteration {it} (lr {lr:g}): lower detect.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        window.append((loss.item(), cls.item(), box.item(), (batch.labels > 0).float().mean().item()))
-        if (it + 1) % solver.log_every == 0 or it + 1 == solver.iterations:
-            mean = np.mean(window, axis=0)
-            history.append({"iteration": it + 1, "loss": float(mean[0]), "loss_cls": float(mean[1]),
-                            "loss_box": float(mean[2]), "fg_fraction": float(mean[3]), "lr": lr})
-            log.info("iter %d/%d: loss %.4f (cls %.4f, box %.4f), fg %.2f, lr %g", it + 1, solver.iterations,
-                     *mean, lr)
-            window = []
-    return history
+    dataset = IterationBatches(entries, sampling, solver.images_per_batch, solver.flip, solver.scale,
+                               solver.max_size, seed, solver.iterations)
+    for batch in make_loader(dataset, run.iteration, solver.workers):
+        stats = _step(model, opt, batch.to(device), solver)
+        if stats is not None:
+            run.window.append(stats)
+        run.iteration = batch.iteration + 1
+        last = run.iteration == solver.iterations
+        if (run.iteration % solver.log_every == 0 or last) and run.window:
+            _flush(run, solver, log)
+        if state is not None and (run.iteration % solver.checkpoint_every == 0 or last):
+            save_state(state, model, opt, f"detect iteration {run.iteration}", config=record, **asdict(run))
+    return run.history

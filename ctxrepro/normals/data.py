@@ -9,18 +9,26 @@ Ground truth, from the first source available (the issue's order):
 Training targets live on the trunk's coarse output grid, at the cells' receptive-field centres
 (`ctxrepro.normals.grid`): each cell averages the valid ground-truth normals within one grid step around
 its centre, renormalised; a cell is a target only where at least `min_valid` of that window has ground truth.
+
+Memory: the input-size images of a split (the paper's 795 train frames at 480 x 640 are 733 MB, its 654 test
+frames 603 MB) are written one by one to a .npy file in a scratch folder (`scratch_dir`) and read back a batch
+at a time (`NpyRows`), so the process holds one frame and one batch, not the split; the coarse targets are
+small (cells, not pixels) and stay in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
 
 from ctxrepro.data.nyu import NyuLabeled, load_normals, read_splits
+from ctxrepro.io import atomic_write
 from ctxrepro.normals.depth import PlaneFit, normals_from_depth
 from ctxrepro.normals.grid import CellGrid, window_means
 from ctxrepro.normals.model import TrainSet
@@ -121,33 +129,101 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
 
 
+class NpyRows:
+    """The rows of a C-order .npy file, read on demand with plain file reads: `rows[index]` for an int, a slice
+    or an integer array gives a new array, and no page of the file is mapped into this process."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, self.dtype = read(f)
+            self.offset = f.tell()
+        if fortran or not shape:
+            raise ValueError(f"{self.path}: expected a C-order array of rows, got shape {shape} fortran={fortran}")
+        self.shape = tuple(shape)
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.arange(self.shape[0])[index]
+        out = np.empty((*np.shape(rows), *self.shape[1:]), self.dtype)
+        with open(self.path, "rb") as f:
+            for j, i in enumerate(np.atleast_1d(rows)):
+                f.seek(self.offset + int(i) * self.row_bytes)
+                if f.readinto(out.reshape(-1, *self.shape[1:])[j]) != self.row_bytes:
+                    raise ValueError(f"{self.path}: row {i} is truncated")
+        return out
+
+
+def _store_images(rows: Iterator[np.ndarray], n: int, size: tuple[int, int],
+                  path: Path | None) -> np.ndarray | NpyRows:
+    """n uint8 (H, W, 3) images from `rows`: in memory when `path` is None, else written row by row to the
+    .npy file `path` (complete or absent) and returned as `NpyRows`."""
+    shape = (n, *size, 3)
+    if path is None:
+        out = np.zeros(shape, np.uint8)
+        for k, image in enumerate(rows):
+            out[k] = image
+        return out
+
+    def write(f) -> None:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                 "fortran_order": False, "shape": shape})
+        count = 0
+        for image in rows:
+            f.write(np.ascontiguousarray(image, np.uint8).reshape(shape[1:]).tobytes())
+            count += 1
+        if count != n:
+            raise ValueError(f"{path}: {count} images written, {n} expected")
+
+    atomic_write(path, write)
+    return NpyRows(path)
+
+
+@contextlib.contextmanager
+def scratch_dir(path: Path) -> Iterator[Path]:
+    """An empty folder for a run's image files, removed afterwards (and at the start: a killed run's leftovers)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def load_train(nyu: NyuLabeled, gt: GroundTruth, indices: np.ndarray, input_size: tuple[int, int],
                grid: CellGrid, min_valid: float, samples_per_image: int, seed: int,
-               log: logging.Logger) -> tuple[TrainSet, np.ndarray]:
+               log: logging.Logger, scratch: Path | None = None) -> tuple[TrainSet, np.ndarray]:
     """The training set at the input size with coarse targets (and those of the mirrored images), and a
     sample of valid full-resolution normals (up to `samples_per_image` per image, drawn from `seed`) for
-    the k-means codebook."""
+    the k-means codebook. With `scratch`, the images live in `scratch`/train_images.npy (`NpyRows`)."""
     n = len(indices)
-    images = np.zeros((n, *input_size, 3), np.uint8)
     normals, mirrored = np.zeros((2, n, *grid.shape, 3), np.float32)
     valid, mirrored_valid = np.zeros((2, n, *grid.shape), bool)
     rng = np.random.default_rng(seed)
     samples = []
-    for k, i in enumerate(track(indices, desc="normals: training images", unit="img", log=log)):
-        images[k] = resize_image(nyu.image(int(i)), input_size)
-        full, ok = gt(int(i))
-        normals[k], valid[k] = coarse_targets(full, ok, grid, min_valid)
-        mirrored[k], mirrored_valid[k] = mirrored_targets(full, ok, grid, min_valid)
-        pix = full[ok]
-        samples.append(pix[rng.choice(len(pix), size=min(len(pix), samples_per_image), replace=False)])
+
+    def rows() -> Iterator[np.ndarray]:
+        for k, i in enumerate(track(indices, desc="normals: training images", unit="img", log=log)):
+            yield resize_image(nyu.image(int(i)), input_size)
+            full, ok = gt(int(i))
+            normals[k], valid[k] = coarse_targets(full, ok, grid, min_valid)
+            mirrored[k], mirrored_valid[k] = mirrored_targets(full, ok, grid, min_valid)
+            pix = full[ok]
+            samples.append(pix[rng.choice(len(pix), size=min(len(pix), samples_per_image), replace=False)])
+
+    images = _store_images(rows(), n, input_size, None if scratch is None else scratch / "train_images.npy")
     return TrainSet(images, normals, valid, mirrored, mirrored_valid), np.concatenate(samples).astype(np.float64)
 
 
 def load_images(nyu: NyuLabeled, indices: np.ndarray, input_size: tuple[int, int],
-                log: logging.Logger) -> np.ndarray:
-    """uint8 (N, H, W, 3) images at the input size (the test split's network inputs)."""
-    out = np.zeros((len(indices), *input_size, 3), np.uint8)
-    for k, i in enumerate(track(indices, desc="normals: test images", unit="img", log=log)):
-        out[k] = resize_image(nyu.image(int(i)), input_size)
-    return out
-
+                log: logging.Logger, scratch: Path | None = None) -> np.ndarray | NpyRows:
+    """uint8 (N, H, W, 3) images at the input size (the test split's network inputs); with `scratch`, in
+    `scratch`/test_images.npy (`NpyRows`)."""
+    rows = (resize_image(nyu.image(int(i)), input_size)
+            for i in track(indices, desc="normals: test images", unit="img", log=log))
+    return _store_images(rows, len(indices), input_size, None if scratch is None else scratch / "test_images.npy")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctxrepro.checkpoint import digest, restore_state, resumable, save_state
 from ctxrepro.normals.grid import CellGrid, interpolation_matrix
 from ctxrepro.pretext.model import xavier_init_
 from ctxrepro.seeds import derive_seed
@@ -161,11 +162,13 @@ class TrainSettings:
     flip: bool = True  # random horizontal flips (the x component of the target normals changes sign)
     seed: int = 0
     log_every: int = 50
+    checkpoint_every: int = 1000  # steps between resumable checkpoints
 
 
 @dataclass(frozen=True)
 class TrainSet:
-    """Training arrays: uint8 images (N, H, W, 3) at the input size, coarse targets (N, h, w, 3) float32
+    """Training arrays: uint8 images (N, H, W, 3) at the input size (an array, or rows read from a file on
+    demand: `normals.data.NpyRows`), coarse targets (N, h, w, 3) float32
     unit normals with their valid mask (N, h, w) at the trunk's output grid, and the targets of the
     mirrored images (`mirrored_*`): the cells are not placed symmetrically in the frame, so a mirrored
     image's cells see other pixels than the mirrored grid of the original's."""
@@ -216,29 +219,71 @@ def _update(net: NormalsNet, opt: torch.optim.Optimizer, x: Tensor, codes: Tenso
     return loss.detach()
 
 
+@dataclass
+class _Run:
+    """What a checkpoint saves besides the model, the optimizer and the global RNGs."""
+
+    batches: torch.Generator  # draws every step's images and flips
+    step: int = 0  # completed steps
+    seconds: float = 0.0  # training seconds of earlier invocations
+    window: list[Tensor] = field(default_factory=list)  # losses since the last logged mean
+    losses: list[float] = field(default_factory=list)  # the logged means
+
+    def saved(self) -> dict:
+        return {"batches": self.batches.get_state(), "step": self.step, "seconds": self.seconds,
+                "window": self.window, "losses": self.losses}
+
+
+def _record(net: NormalsNet, data: TrainSet, codebook: np.ndarray, s: TrainSettings) -> dict:
+    """The identity of a run (stored in its checkpoints, compared on resume): settings, start weights, data."""
+    return {**asdict(s), "start_weights": digest(net.state_dict().values()),
+            "data": digest([data.images, data.normals, data.valid, data.mirrored_normals, data.mirrored_valid,
+                            codebook])}
+
+
+def _start(net: NormalsNet, opt: torch.optim.Optimizer, record: dict, s: TrainSettings, state: Path | None,
+           log: logging.Logger) -> _Run:
+    """A fresh run, or the one checkpointed at `state` when its record matches."""
+    run = _Run(torch.Generator().manual_seed(derive_seed(s.seed, BATCH_SEED)))
+    ckpt = resumable(state, record, "step", s.steps, log) if state is not None else None
+    if ckpt is not None:
+        restore_state(ckpt, net, opt)
+        run.batches.set_state(ckpt["batches"])
+        run.step, run.seconds, run.window, run.losses = ckpt["step"], ckpt["seconds"], ckpt["window"], ckpt["losses"]
+    return run
+
+
 def train_normals(net: NormalsNet, data: TrainSet, codebook: np.ndarray, s: TrainSettings, device: str,
-                  log: logging.Logger) -> dict[str, float]:
-    """Fine-tune the whole net (trunk and head); returns the last logged mean loss, the time and the steps.
+                  log: logging.Logger, state: Path | None = None) -> dict[str, float]:
+    """Fine-tune the whole net (trunk and head), resuming from and checkpointing to `state` (None: neither);
+    returns the last logged mean loss, the training time over all resumes and the steps.
 
     Batches are drawn with replacement from a generator seeded by (seed, BATCH_SEED), independent of the
-    initialisation, so every initialisation sees the same images in the same order and flips.
+    initialisation, so every initialisation sees the same images in the same order and flips. A checkpoint
+    holds that generator's state with the model's, the optimizer's and the global RNGs, so a killed run
+    resumed from it continues bit-identically (CPU, same threads).
     """
     net.to(device).train()
     book = torch.as_tensor(codebook, dtype=torch.float32, device=device)
     opt = _optimizer(net, s)
-    g = torch.Generator().manual_seed(derive_seed(s.seed, BATCH_SEED))
-    start, window, losses = time.monotonic(), [], []
-    for step in range(1, s.steps + 1):
-        idx = torch.randint(len(data.images), (s.batch,), generator=g)
-        flips = torch.rand(s.batch, generator=g) < (0.5 if s.flip else 0.0)  # drawn either way: same batches
+    record = _record(net, data, codebook, s) if state is not None else {}  # before a resume loads weights
+    run = _start(net, opt, record, s, state, log)
+    start, elapsed = time.monotonic(), run.seconds
+    for step in range(run.step + 1, s.steps + 1):
+        idx = torch.randint(len(data.images), (s.batch,), generator=run.batches)
+        flips = torch.rand(s.batch, generator=run.batches) < (0.5 if s.flip else 0.0)  # drawn either way
         x, codes = _batch(data, idx, flips, book, device)
         if not (codes == IGNORE).all():  # a batch without any ground truth teaches nothing
-            window.append(_update(net, opt, x, codes, step))
-        if (step % s.log_every == 0 or step == s.steps) and window:
-            losses.append(float(torch.stack(window).mean()))
-            window = []
-            log.info("normals step %d/%d: loss %.4f (%.1fs)", step, s.steps, losses[-1], time.monotonic() - start)
-    return {"train_loss": losses[-1] if losses else math.nan, "train_seconds": round(time.monotonic() - start, 2),
+            run.window.append(_update(net, opt, x, codes, step))
+        run.step, elapsed = step, run.seconds + time.monotonic() - start
+        if (step % s.log_every == 0 or step == s.steps) and run.window:
+            run.losses.append(float(torch.stack(run.window).mean()))
+            run.window = []
+            log.info("normals step %d/%d: loss %.4f (%.1fs)", step, s.steps, run.losses[-1], elapsed)
+        if state is not None and (step % s.checkpoint_every == 0 or step == s.steps):
+            save_state(state, net, opt, f"normals step {step}", config=record, **{**run.saved(), "seconds": elapsed})
+    # the seconds of the last checkpoint: a rerun that resumes at the end reports the same
+    return {"train_loss": run.losses[-1] if run.losses else math.nan, "train_seconds": round(elapsed, 2),
             "steps": s.steps}
 
 
