@@ -31,6 +31,7 @@ from ctxrepro.checkpoint import (CheckpointMismatch, atomic_torch_save, capture_
                                  load_checkpoint, restore_rng)
 from ctxrepro.pretext import distributed as D
 from ctxrepro.pretext.color import PatchAugment, preprocess
+from ctxrepro.pretext.export import export_weights
 from ctxrepro.pretext.data import (AUGMENT, HELDOUT, INIT, BatchSpec, ImageTable, StepBatches, finish_batch,
                                    heldout_plans, load_plan, make_loader)
 from ctxrepro.pretext.model import build_model
@@ -363,15 +364,6 @@ def configure_backend(device: str, log: logging.Logger) -> None:
     else:
         log.info("CPU training: %d threads, float32 (amp and channels_last apply to CUDA only)",
                  torch.get_num_threads())
-
-
-def export_weights(path: Path, model: nn.Module, cfg: TrainConfig, step: int) -> None:
-    """The stage's out: the state dict and what `model.build_model` needs to rebuild the network."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save({"model": state, "step": step,
-                       "config": {"tower": cfg.tower, "width": cfg.width, "fc_dim": cfg.fc_dim, "patch": cfg.net_size,
-                                  "sample_patch": cfg.data.patch, "gap": cfg.data.gap, "jitter": cfg.data.jitter, "color": cfg.augment.color}},
-                      path)
 
 
 def train(cfg: TrainConfig, table: ImageTable, heldout: ImageTable, paths: TrainPaths, device: str,

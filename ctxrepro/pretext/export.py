@@ -1,7 +1,7 @@
 """The pretrain stage's export (models/pretrain.pt) as every evaluation of it sees it: the network in eval mode,
 the geometry it was trained with, and its input preprocessing (section 3.1 minus the random downsampling).
 
-Written by `ctxrepro.pretext.engine.export_weights`; read by pretext_eval, nn, mining and aberration.
+Written by `export_weights` (the pretrain stage, at the end of `engine.train`); read by pretext_eval, nn, mining and aberration.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ctxrepro.checkpoint import atomic_torch_save
 from ctxrepro.data import images
 from ctxrepro.pretext.color import PatchAugment, preprocess
 from ctxrepro.pretext.model import ContextNet, build_model
@@ -69,3 +70,13 @@ def read_rgb(path: Path) -> Tensor:
     """A JPEG/PNG file as (3, H, W) uint8 RGB (grayscale and CMYK files are converted); an unreadable
     file is an error that names it."""
     return torch.from_numpy(images.read_rgb(path)).permute(2, 0, 1).contiguous()
+
+
+def export_weights(path: Path, model: torch.nn.Module, cfg, step: int) -> None:
+    """The stage's out: the state dict and what `model.build_model` needs to rebuild the network.
+    `cfg` is the run's `engine.TrainConfig`."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    config = {"tower": cfg.tower, "width": cfg.width, "fc_dim": cfg.fc_dim, "patch": cfg.net_size,
+              "sample_patch": cfg.data.patch, "gap": cfg.data.gap, "jitter": cfg.data.jitter,
+              "color": cfg.augment.color}
+    atomic_torch_save({"model": state, "step": step, "config": config}, path)

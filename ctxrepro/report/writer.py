@@ -23,6 +23,7 @@ import typer
 
 from ctxrepro.io import atomic_dir, atomic_write_text
 from ctxrepro.profiles import current_profile
+from ctxrepro.report import sections as S
 from ctxrepro.report import tables as T
 from ctxrepro.report.plots import PLOTS as REPORT_PLOTS
 from ctxrepro.report.plots import render_plots
@@ -170,8 +171,8 @@ def figures_section(root: Path, made: dict[str, str | None]) -> list[str]:
 
 def render(root: Path, run: T.RunData, diff: MetricsDiff, made: dict[str, str | None], max_diff_rows: int) -> str:
     """The whole REPORT.md text."""
-    sections = [header(run), T.pretraining(run), T.table1(run), T.table2(run), T.section_4_6(run),
-                T.section_4_2(run), T.figure_9(run), T.section_4_1(run), probes_section(root, run),
+    sections = [header(run), T.pretraining(run), T.table1(run), T.table2(run), S.section_4_6(run),
+                S.section_4_2(run), S.figure_9(run), S.section_4_1(run), probes_section(root, run),
                 figures_section(root, made),
                 diff_section(diff, max_diff_rows)]
     return "\n\n".join("\n".join(s).rstrip() for s in sections) + "\n"
