@@ -198,11 +198,12 @@ def _imagenet(source: str, tower: torch.nn.Sequential, config: dict, root: Path,
 def figure6_spec(params: Params, tower: torch.nn.Sequential, config: dict, log: logging.Logger) -> TrunkSpec:
     """Figure 6's sizes on the tower. conv6's kernel is pool5's side at the pretraining input (3 for 96 px
     patches; 6 for torchvision's AlexNet, trained at 224 px), and pool6 needs conv6's output to be at least 3x3:
-    where `input_side` is too small for that (torchvision's networks at 227 px), it is raised, and logged."""
+    for torchvision's networks, whose conv6 is 6x6 (7x7) and so too big at 227 px, `input_side` is raised to the
+    smallest that fits, and logged. Our own towers keep `input_side` (a misfit is an error naming it)."""
     kernel = _pool5_side(tower)
     side = params.input_side
     body, pool5 = body_layers(config["tower"], config["width"])
-    while conv_output([*body, ("pool5", pool5)], side)[1] < kernel + 2:
+    while config.get("color") == TORCHVISION and conv_output([*body, ("pool5", pool5)], side)[1] < kernel + 2:
         side += 1
     if side != params.input_side:
         log.info("%s tower: conv6 %dx%d needs pool5 >= %d: input_side %d -> %d", config["tower"], kernel, kernel,

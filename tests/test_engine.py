@@ -281,7 +281,8 @@ def test_pretrain_stage_writes_metrics_weights_and_dvclive(data, tmp_path, monke
             ).read_text().splitlines()
     assert rows[0].split("\t")[:2] == ["step", "loss"] and [r.split("\t")[0] for r in rows[1:]] == ["2", "4"]
     for key in ("live_fc6", "live_fc7", "live_fc8", "wnorm_fc8"):  # the collapse monitor
-        rows = (root / "dvclive" / "pretrain" / "plots" / "metrics" / "train" / f"{key}.tsv").read_text().splitlines()
+        curves = root / "dvclive" / "pretrain" / "color_dropping" / "plots" / "metrics" / "train"
+        rows = (curves / f"{key}.tsv").read_text().splitlines()
         assert len(rows) == 3 and 0.0 <= float(rows[1].split("\t")[1]) <= (1.0 if "live" in key else 1e3)
     # A failed run (lr 1e30: a non-finite loss or state) leaves the curves, metrics and weights as they were.
     kept = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and "pretrain_state" not in p.parts}
