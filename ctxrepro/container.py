@@ -162,7 +162,7 @@ def run_options(root: Path | str, *, gpus: bool, environ: Mapping[str, str], pod
         remove=True,
     )
     if podman:
-        options["devices"] = [CDI_GPUS] if gpus else None
+        options["devices"] = [CDI_GPUS] if gpus else []
         if os.getuid() != 0:
             # Rootless podman maps container uids to subordinate ids: keep-id maps the user onto itself.
             options["userns"] = "keep-id"
