@@ -12,8 +12,11 @@
 # start the container, with a message naming the requirement, on a host driver too old for CUDA 13.0.
 #
 # Build inputs (all optional; `ctxrepro docker build --help` sets them, README "Running in Docker"):
-# - BASE_IMAGE: any Debian bookworm image; python:3.11-slim-bookworm ships Python 3.11, a bare bookworm (CI's
-#   debootstrap base, registries being unreachable there) gets Debian's python3.11 from apt.
+# - BASE_IMAGE: any Debian bookworm image. python:3.11-slim-bookworm ships Python 3.11; a bare bookworm
+#   (CI's debootstrap base: registries are unreachable there) needs the `python-prefix` context below, since
+#   Debian's own python3.11 is 3.11.2, older than the tarfile extraction filters (3.11.4) the fetch stage uses.
+# - build context `python-prefix`: the install prefix of a CPython 3.11 (>= 3.11.4) built on bookworm, e.g. a pyenv
+#   version folder; copied to /opt/python, without its site-packages.
 # - build secret `ca`: a CA bundle for pip, for networks that intercept TLS (corporate proxies); pip then
 #   verifies against it instead of its own certifi bundle.
 # - build context `wheels`: a folder of wheels pip looks in before the index (pip --find-links), e.g. a local
@@ -22,13 +25,33 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM scratch AS wheels
 
-# Python 3.11 in a venv: Debian's own python3 refuses system-wide pip installs (PEP 668), and the venv puts
-# both bases on one path, /opt/venv/bin.
+FROM scratch AS python-prefix
+
+# Python 3.11 in a venv at /opt/venv, whichever of the three sources gives it: the `python` context, the
+# base's own, or Debian's package. Debian's python3 refuses system-wide pip installs (PEP 668), and the venv
+# puts all three on one path. The shared-library path of a copied prefix goes to ld.so.conf (its RUNPATH
+# names the prefix it was built for); its runtime libraries come from apt.
 FROM ${BASE_IMAGE} AS python
-RUN if ! command -v python3.11 > /dev/null; then \
+RUN --mount=type=bind,from=python-prefix,target=/tmp/python-prefix \
+    if [ -x /tmp/python-prefix/bin/python3.11 ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends libssl3=3.0.* libffi8=3.4.* libsqlite3-0=3.40.* \
+            liblzma5=5.4.* libbz2-1.0=1.0.* libreadline8=8.2.* zlib1g=1:1.2.* libuuid1=2.38.* \
+        && rm -rf /var/lib/apt/lists/* \
+        && mkdir -p /opt/python/bin \
+        && cp -a /tmp/python-prefix/include /tmp/python-prefix/lib /opt/python/ \
+        && cp -a /tmp/python-prefix/bin/python3.11 /opt/python/bin/ \
+        && rm -rf /opt/python/lib/python3.11/site-packages/* \
+        && echo /opt/python/lib > /etc/ld.so.conf.d/python.conf && ldconfig \
+        && ln -s /opt/python/bin/python3.11 /usr/local/bin/python3.11; \
+    elif ! command -v python3.11 > /dev/null; then \
         apt-get update \
         && apt-get install -y --no-install-recommends python3.11=3.11.* python3.11-venv=3.11.* \
         && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && if ! python3.11 -c "import tarfile; tarfile.data_filter"; then \
+        echo "Python 3.11 >= 3.11.4 is needed (tarfile filters): give one as the python build context" >&2; \
+        exit 1; \
     fi \
     && python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \

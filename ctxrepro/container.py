@@ -106,7 +106,8 @@ def ensure_engine(client: DockerClient) -> None:
     except DockerException as e:
         if podman:
             raise DockerError(f"podman ('{call}') cannot run containers here ({_first_line(e.stderr)}); its "
-                              f"settings come from the containers.conf named by CONTAINERS_CONF. {LOCAL_HINT}") from None
+                              "settings come from the containers.conf named by CONTAINERS_CONF. "
+                              f"{LOCAL_HINT}") from None
         raise DockerError(f"the docker client '{call}' cannot reach a Docker engine ({_first_line(e.stderr)}). "
                           f"{LOCAL_HINT}") from None
     if version.server is None and not podman:
@@ -200,14 +201,22 @@ def run_in_container(root: Path | str, command: Sequence[str], *, gpus: bool | N
         raise DockerError(_explain_failure(tag, command, e)) from None
 
 
-def build_inputs(*, base_image: str | None = None, ca_bundle: Path | str | None = None,
-                 wheels: Path | str | None = None, network: str | None = None) -> dict:
+def build_inputs(*, base_image: str | None = None, python_prefix: Path | str | None = None,
+                 ca_bundle: Path | str | None = None, wheels: Path | str | None = None,
+                 network: str | None = None) -> dict:
     """The Dockerfile's optional build inputs as python-on-whales `build` keywords: the BASE_IMAGE build arg,
-    the CA bundle as the build secret `ca`, a folder of wheels as the build context `wheels`, and the network
-    the RUN steps use. Paths are checked here, so a typo stops before the engine is asked for anything."""
-    inputs: dict = {}
+    a CPython install prefix as the build context `python-prefix`, the CA bundle as the build secret `ca`, a
+    folder of wheels as the build context `wheels`, and the network the RUN steps use. Paths are checked
+    here, so a typo stops before the engine is asked for anything."""
+    inputs: dict = {"build_args": {}, "build_contexts": {}}
     if base_image:
-        inputs["build_args"] = {"BASE_IMAGE": base_image}
+        inputs["build_args"]["BASE_IMAGE"] = base_image
+    if python_prefix:
+        prefix = Path(python_prefix).resolve()
+        if not (prefix / "bin" / "python3.11").is_file():
+            raise DockerError(f"{prefix / 'bin' / 'python3.11'} not found: --python-prefix takes the install "
+                              "prefix of a CPython 3.11 (sys.base_prefix), or leave it out")
+        inputs["build_contexts"]["python-prefix"] = str(prefix)
     if ca_bundle:
         bundle = Path(ca_bundle).resolve()
         if not bundle.is_file():
@@ -219,21 +228,23 @@ def build_inputs(*, base_image: str | None = None, ca_bundle: Path | str | None 
         if not folder.is_dir():
             raise DockerError(f"wheel folder {wheels} not found: give a folder of .whl files for pip to use "
                               "before the index, or leave --wheels out")
-        inputs["build_contexts"] = {"wheels": str(folder)}
+        inputs["build_contexts"]["wheels"] = str(folder)
     if network:
         inputs["network"] = network
     return inputs
 
 
 def build(root: Path | str, *, no_cache: bool = False, pull: bool = False, base_image: str | None = None,
-          ca_bundle: Path | str | None = None, wheels: Path | str | None = None, network: str | None = None,
+          python_prefix: Path | str | None = None, ca_bundle: Path | str | None = None,
+          wheels: Path | str | None = None, network: str | None = None,
           client_call: Sequence[str] | None = None) -> str:
     """Build the image from `root`/Dockerfile, tagged image_tag(root) and ctxrepro:latest; returns the tag.
 
     The tag hashes the recipe, not these inputs: another base image or wheel folder must give the same
     pinned environment (the lock pins every package, the Dockerfile the apt versions)."""
     root = Path(root).resolve()
-    inputs = build_inputs(base_image=base_image, ca_bundle=ca_bundle, wheels=wheels, network=network)
+    inputs = build_inputs(base_image=base_image, python_prefix=python_prefix, ca_bundle=ca_bundle, wheels=wheels,
+                          network=network)
     client = make_client(client_call)
     ensure_engine(client)
     tag = image_tag(root)
@@ -302,6 +313,9 @@ def build_cmd(no_cache: bool = typer.Option(False, "--no-cache", help="rebuild e
               base_image: Optional[str] = typer.Option(
                   None, "--base-image", envvar="CTXREPRO_BASE_IMAGE",
                   help="a Debian bookworm image to build on (default: python:3.11-slim-bookworm)"),
+              python_prefix: Optional[Path] = typer.Option(
+                  None, "--python-prefix", envvar="CTXREPRO_PYTHON_PREFIX",
+                  help="install prefix of a CPython >= 3.11.4 built on bookworm, for a base without one"),
               ca_bundle: Optional[Path] = typer.Option(
                   None, "--ca-bundle", envvar="CTXREPRO_CA_BUNDLE",
                   help="CA certificates pip trusts in the build (networks that intercept TLS)"),
@@ -313,8 +327,8 @@ def build_cmd(no_cache: bool = typer.Option(False, "--no-cache", help="rebuild e
                   help="network of the build's RUN steps, e.g. host")) -> None:
     """Build the image, tagged ctxrepro:<hash of Dockerfile + requirements.lock>; run from the repository root."""
     try:
-        tag = build(Path.cwd(), no_cache=no_cache, pull=pull, base_image=base_image, ca_bundle=ca_bundle,
-                    wheels=wheels, network=network)
+        tag = build(Path.cwd(), no_cache=no_cache, pull=pull, base_image=base_image, python_prefix=python_prefix,
+                    ca_bundle=ca_bundle, wheels=wheels, network=network)
     except DockerError as e:
         _fail(e)
     typer.echo(tag)
