@@ -36,7 +36,7 @@ RUN --mount=type=bind,from=python-prefix,target=/tmp/python-prefix \
     if [ -x /tmp/python-prefix/bin/python3.11 ]; then \
         apt-get update \
         && apt-get install -y --no-install-recommends libssl3=3.0.* libffi8=3.4.* libsqlite3-0=3.40.* \
-            liblzma5=5.4.* libbz2-1.0=1.0.* libreadline8=8.2.* zlib1g=1:1.2.* libuuid1=2.38.* \
+            liblzma5=5.4.* libbz2-1.0=1.0.* libreadline8=8.2-* zlib1g=1:1.2.* libuuid1=2.38.* \
         && rm -rf /var/lib/apt/lists/* \
         && mkdir -p /opt/python/bin \
         && cp -a /tmp/python-prefix/include /tmp/python-prefix/lib /opt/python/ \
