@@ -27,12 +27,13 @@ FROM scratch AS wheels
 
 FROM scratch AS python-prefix
 
-# Python 3.11 in a venv at /opt/venv, whichever of the three sources gives it: the `python` context, the
+# Python 3.11 in a venv at /opt/venv, whichever of the three sources gives it: the `python-prefix` context, the
 # base's own, or Debian's package. Debian's python3 refuses system-wide pip installs (PEP 668), and the venv
 # puts all three on one path. The shared-library path of a copied prefix goes to ld.so.conf (its RUNPATH
 # names the prefix it was built for); its runtime libraries come from apt.
 FROM ${BASE_IMAGE} AS python
 RUN --mount=type=bind,from=python-prefix,target=/tmp/python-prefix \
+    python=python3.11; \
     if [ -x /tmp/python-prefix/bin/python3.11 ]; then \
         apt-get update \
         && apt-get install -y --no-install-recommends libssl3=3.0.* libffi8=3.4.* libsqlite3-0=3.40.* \
@@ -43,17 +44,17 @@ RUN --mount=type=bind,from=python-prefix,target=/tmp/python-prefix \
         && cp -a /tmp/python-prefix/bin/python3.11 /opt/python/bin/ \
         && rm -rf /opt/python/lib/python3.11/site-packages/* \
         && echo /opt/python/lib > /etc/ld.so.conf.d/python.conf && ldconfig \
-        && ln -s /opt/python/bin/python3.11 /usr/local/bin/python3.11; \
+        && python=/opt/python/bin/python3.11; \
     elif ! command -v python3.11 > /dev/null; then \
         apt-get update \
         && apt-get install -y --no-install-recommends python3.11=3.11.* python3.11-venv=3.11.* \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
-    && if ! python3.11 -c "import tarfile; tarfile.data_filter"; then \
-        echo "Python 3.11 >= 3.11.4 is needed (tarfile filters): give one as the python build context" >&2; \
+    && if ! "$python" -c "import tarfile; tarfile.data_filter"; then \
+        echo "Python 3.11 >= 3.11.4 is needed (tarfile filters): give one as the python-prefix build context" >&2; \
         exit 1; \
     fi \
-    && python3.11 -m venv /opt/venv
+    && "$python" -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
