@@ -109,22 +109,26 @@ def test_podman_cdi_failure_is_explained(repo, podman, monkeypatch):
 
 def test_build_passes_the_optional_inputs(repo, podman, tmp_path):
     call, log = podman
-    bundle, wheels = tmp_path / "ca.pem", tmp_path / "wheels"
+    bundle, wheels, prefix = tmp_path / "ca.pem", tmp_path / "wheels", tmp_path / "cpython"
     bundle.write_text("-----BEGIN CERTIFICATE-----\n")
     wheels.mkdir()
-    dk.build(repo, base_image="localhost/bookworm:1", ca_bundle=bundle, wheels=wheels, network="host",
-             client_call=call)
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin" / "python3.11").write_bytes(b"")
+    dk.build(repo, base_image="localhost/bookworm:1", python_prefix=prefix, ca_bundle=bundle, wheels=wheels,
+             network="host", client_call=call)
     argv = calls(log)[-1]
     assert argv[:2] == ["buildx", "build"]
     pairs = set(zip(argv, argv[1:]))
     assert ("--build-arg", "BASE_IMAGE=localhost/bookworm:1") in pairs
     assert ("--secret", f"id=ca,src={bundle}") in pairs
     assert ("--build-context", f"wheels={wheels}") in pairs
+    assert ("--build-context", f"python-prefix={prefix}") in pairs
     assert ("--network", "host") in pairs
 
 
 @pytest.mark.parametrize("what, message", [("ca_bundle", "CA bundle .* not found"),
-                                           ("wheels", "wheel folder .* not found")])
+                                           ("wheels", "wheel folder .* not found"),
+                                           ("python_prefix", "bin/python3.11 not found")])
 def test_build_inputs_are_checked_before_the_engine(repo, podman, tmp_path, what, message):
     call, log = podman
     with pytest.raises(dk.DockerError, match=message):
@@ -176,12 +180,18 @@ def image() -> str:
     return tag
 
 
-def _ctxrepro(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).parent / "ctxrepro"
-    result = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, timeout=1800)
-    assert result.returncode == 0, f"ctxrepro {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+def _run(program: str, args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`program` of this interpreter's environment, which is also first on PATH (DVC runs `ctxrepro stage`)."""
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    result = subprocess.run([str(bindir / program), *args], cwd=cwd, capture_output=True, text=True, env=env,
+                            timeout=1800)
+    assert result.returncode == 0, f"{program} {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def _ctxrepro(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return _run("ctxrepro", args, cwd, env)
 
 
 @pytest.fixture(scope="module")
@@ -219,14 +229,15 @@ def test_build_gives_the_hashed_tag_of_a_cuda_python311_image(image):
     result = subprocess.run([*_real_client_call(), "run", "--rm", image, "python", "-c", probe], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["(3,", "11)", "2.14.1", "13.0", "0.29.1"], "the lock's CUDA torch on 3.11"
+    version, torch_version, cuda, vision_version = result.stdout.split(")")[0] + ")", *result.stdout.split()[2:]
+    assert version == "(3, 11)" and cuda == "13.0", "the lock's CUDA 13.0 torch on Python 3.11"
+    assert torch_version.split("+")[0] == "2.14.1" and vision_version.split("+")[0] == "0.29.1"
 
 
 @pytest.mark.container
 @pytest.mark.slow
 def test_repro_fetch_in_the_container_writes_what_the_host_writes(image, checkout):
-    host_dvc = Path(sys.executable).parent / "dvc"
-    subprocess.run([str(host_dvc), "repro", "--force", "fetch"], cwd=checkout, check=True, capture_output=True)
+    _run("dvc", ["repro", "--force", "fetch"], checkout)
     host = _fetch_result(checkout)
     (checkout / "metrics" / "fetch.json").unlink()
     _ctxrepro(["docker", "repro", "--force", "--no-gpus", "fetch"], checkout)
