@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test test-fast bench lock clean
+.PHONY: install repro test test-fast test-container bench lock clean
 
 install: $(STAMP)
 
@@ -18,11 +18,30 @@ $(STAMP): requirements.lock pyproject.toml
 repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# Tests marked `container` need a container engine and the built image: `make test-container` runs them.
 test: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not container"
 
 test-fast: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow and not container"
+
+# The image built and run for real with podman on a Debian bookworm base made with debootstrap
+# (.ci/container-setup; apt, as root). PYTHON_PREFIX: a CPython >= 3.11.4 built on bookworm (Debian's is
+# 3.11.2); WHEEL_DIRS: folders of local wheels the build uses before the index; CA_BUNDLE: the certificates
+# pip trusts in the build (a TLS-intercepting network).
+BASE_IMAGE := localhost/ctxrepro-base:bookworm
+PYTHON_PREFIX ?=
+WHEEL_DIRS ?=
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
+CONTAINER_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" CTXREPRO_DOCKER=podman \
+	CONTAINERS_CONF="$(CURDIR)/.cache/containers.conf" CTXREPRO_BASE_IMAGE=$(BASE_IMAGE) \
+	CTXREPRO_WHEELS="$(CURDIR)/.cache/wheels" $(if $(wildcard $(CA_BUNDLE)),CTXREPRO_CA_BUNDLE=$(CA_BUNDLE)) \
+	$(if $(PYTHON_PREFIX),CTXREPRO_PYTHON_PREFIX="$(PYTHON_PREFIX)")
+
+test-container: install
+	BASE_IMAGE=$(BASE_IMAGE) CTXREPRO_WHEEL_DIRS="$(WHEEL_DIRS)" .ci/container-setup
+	$(CONTAINER_ENV) $(BIN)/ctxrepro docker build
+	$(CONTAINER_ENV) CTXREPRO_CONTAINER_TESTS=required $(BIN)/python -m pytest -q -m container
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock: install

@@ -8,7 +8,11 @@ The pipeline these commands rerun is the paper's (Doersch et al. 2015, sections 
 what a stage computes, only where it runs.
 
 Which docker client is used: `client_call` when given, else the `CTXREPRO_DOCKER` environment variable
-(split like a shell would, e.g. "podman" or "sudo docker"), else `docker` on PATH.
+(split like a shell would, e.g. "podman", "podman --runtime runc" or "sudo docker"), else `docker` on PATH.
+Podman (issue 19) has no engine behind its client, takes GPUs as CDI devices rather than `--gpus`, and, run
+rootless, needs `--userns keep-id` for files written through the mount to belong to the user; its own
+settings (runtime, ulimits) come from the containers.conf that CONTAINERS_CONF names, read from the
+environment this process passes on.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import typer
 from python_on_whales import DockerClient
 from python_on_whales.client_config import ClientNotFoundError
 from python_on_whales.exceptions import DockerException
+from python_on_whales.utils import run as run_client
 
 IMAGE_NAME = "ctxrepro"
 TAG_INPUTS = ("Dockerfile", "requirements.lock")
@@ -44,6 +49,10 @@ LOCAL_HINT = ("To run without Docker: `make repro` (or `dvc repro`) for the whol
 TOOLKIT_HINT = ("`--gpus all` needs the NVIDIA container toolkit on this host (install nvidia-container-toolkit "
                 "and run `nvidia-ctk runtime configure --runtime=docker`, then restart the engine), "
                 "or rerun with --no-gpus to stay on the CPU.")
+PODMAN_TOOLKIT_HINT = ("podman takes the GPU as the CDI device nvidia.com/gpu=all, which needs the NVIDIA container "
+                       "toolkit and its CDI spec on this host (`nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`)"
+                       ", or rerun with --no-gpus to stay on the CPU.")
+CDI_GPUS = "nvidia.com/gpu=all"
 
 
 class DockerError(RuntimeError):
@@ -67,8 +76,14 @@ def default_client_call() -> tuple[str, ...]:
     return tuple(shlex.split(os.environ.get(CLIENT_ENV, ""))) or ("docker",)
 
 
+def is_podman(client_call: Sequence[str]) -> bool:
+    """Whether the client is podman, also behind a wrapper such as `sudo podman --runtime runc`."""
+    return any(Path(str(part)).name == "podman" for part in client_call)
+
+
 def make_client(client_call: Sequence[str] | None = None) -> DockerClient:
-    return DockerClient(client_call=list(client_call or default_client_call()))
+    call = list(client_call or default_client_call())
+    return DockerClient(client_call=call, client_type="podman" if is_podman(call) else "docker")
 
 
 def _first_line(text: str | None) -> str:
@@ -79,15 +94,23 @@ def _first_line(text: str | None) -> str:
 def ensure_engine(client: DockerClient) -> None:
     """Fail fast, before any work, when there is no client or no engine behind it (as on CI)."""
     call = " ".join(client.client_config.client_call)
+    podman = is_podman(client.client_config.client_call)
     try:
         version = client.version()
+        if version.server is None and podman:
+            # Local podman is its own engine: ask it whether its storage and OCI runtime answer.
+            run_client(client.client_config.docker_cmd + ["info", "--format", "{{.Host.OCIRuntime.Name}}"])
     except ClientNotFoundError:
         raise DockerError(f"no docker client: '{call}' is not on PATH (set {CLIENT_ENV} to use another "
                           f"client). {LOCAL_HINT}") from None
     except DockerException as e:
+        if podman:
+            raise DockerError(f"podman ('{call}') cannot run containers here ({_first_line(e.stderr)}); its "
+                              "settings come from the containers.conf named by CONTAINERS_CONF. "
+                              f"{LOCAL_HINT}") from None
         raise DockerError(f"the docker client '{call}' cannot reach a Docker engine ({_first_line(e.stderr)}). "
                           f"{LOCAL_HINT}") from None
-    if version.server is None:
+    if version.server is None and not podman:
         raise DockerError(f"the docker client '{call}' reports no Docker engine. {LOCAL_HINT}")
 
 
@@ -124,27 +147,35 @@ def container_env(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def run_options(root: Path | str, *, gpus: bool, environ: Mapping[str, str]) -> dict:
-    """Keyword arguments for python-on-whales' `docker.run`."""
-    return dict(
+def run_options(root: Path | str, *, gpus: bool, environ: Mapping[str, str], podman: bool = False) -> dict:
+    """Keyword arguments for python-on-whales' `docker.run` (`podman`: for the podman client)."""
+    options = dict(
         volumes=[(str(Path(root).resolve()), MOUNT)],
         workdir=MOUNT,
         # Outputs written through the mount stay owned by the host user.
         user=f"{os.getuid()}:{os.getgid()}",
         # DataLoader workers pass batches through /dev/shm, which Docker caps at 64 MB by default.
         ipc="host",
-        gpus="all" if gpus else None,
+        gpus="all" if gpus and not podman else None,
         envs=container_env(environ),
-        # tini as PID 1 reaps DataLoader workers and forwards Ctrl+C to dvc.
+        # tini (catatonit under podman) as PID 1 reaps DataLoader workers and forwards Ctrl+C to dvc.
         init=True,
         remove=True,
     )
+    if podman:
+        options["devices"] = [CDI_GPUS] if gpus else []
+        if os.getuid() != 0:
+            # Rootless podman maps container uids to subordinate ids: keep-id maps the user onto itself.
+            options["userns"] = "keep-id"
+    return options
 
 
 def _explain_failure(tag: str, command: Sequence[str], error: DockerException) -> str:
     stderr = (error.stderr or "").lower()
     if "could not select device driver" in stderr or "nvidia-container-cli" in stderr:
         return f"the container {tag} could not start with a GPU: {_first_line(error.stderr)}. {TOOLKIT_HINT}"
+    if "cdi" in stderr and "nvidia.com/gpu" in stderr:
+        return f"the container {tag} could not start with a GPU: {_first_line(error.stderr)}. {PODMAN_TOOLKIT_HINT}"
     return (f"`{shlex.join(command)}` failed in the container {tag} with exit status {error.return_code} "
             "(its output is above)")
 
@@ -156,7 +187,8 @@ def run_in_container(root: Path | str, command: Sequence[str], *, gpus: bool | N
     ensure_engine(client)
     tag = image_tag(root)
     use_gpus = host_has_gpu() if gpus is None else gpus
-    options = run_options(root, gpus=use_gpus, environ=os.environ if environ is None else environ)
+    options = run_options(root, gpus=use_gpus, environ=os.environ if environ is None else environ,
+                          podman=is_podman(client.client_config.client_call))
     try:
         if not client.image.exists(tag):
             raise DockerError(f"the image {tag} is not built (its tag hashes Dockerfile and requirements.lock); "
@@ -169,10 +201,50 @@ def run_in_container(root: Path | str, command: Sequence[str], *, gpus: bool | N
         raise DockerError(_explain_failure(tag, command, e)) from None
 
 
-def build(root: Path | str, *, no_cache: bool = False, pull: bool = False,
+def build_inputs(*, base_image: str | None = None, python_prefix: Path | str | None = None,
+                 ca_bundle: Path | str | None = None, wheels: Path | str | None = None,
+                 network: str | None = None) -> dict:
+    """The Dockerfile's optional build inputs as python-on-whales `build` keywords: the BASE_IMAGE build arg,
+    a CPython install prefix as the build context `python-prefix`, the CA bundle as the build secret `ca`, a
+    folder of wheels as the build context `wheels`, and the network the RUN steps use. Paths are checked
+    here, so a typo stops before the engine is asked for anything."""
+    inputs: dict = {"build_args": {}, "build_contexts": {}}
+    if base_image:
+        inputs["build_args"]["BASE_IMAGE"] = base_image
+    if python_prefix:
+        prefix = Path(python_prefix).resolve()
+        if not (prefix / "bin" / "python3.11").is_file():
+            raise DockerError(f"{prefix / 'bin' / 'python3.11'} not found: --python-prefix takes the install "
+                              "prefix of a CPython 3.11 (sys.base_prefix), or leave it out")
+        inputs["build_contexts"]["python-prefix"] = str(prefix)
+    if ca_bundle:
+        bundle = Path(ca_bundle).resolve()
+        if not bundle.is_file():
+            raise DockerError(f"CA bundle {ca_bundle} not found: give a PEM file of certificates for pip to trust "
+                              "(e.g. /etc/ssl/certs/ca-certificates.crt), or leave --ca-bundle out")
+        inputs["secrets"] = [f"id=ca,src={bundle}"]
+    if wheels:
+        folder = Path(wheels).resolve()
+        if not folder.is_dir():
+            raise DockerError(f"wheel folder {wheels} not found: give a folder of .whl files for pip to use "
+                              "before the index, or leave --wheels out")
+        inputs["build_contexts"]["wheels"] = str(folder)
+    if network:
+        inputs["network"] = network
+    return inputs
+
+
+def build(root: Path | str, *, no_cache: bool = False, pull: bool = False, base_image: str | None = None,
+          python_prefix: Path | str | None = None, ca_bundle: Path | str | None = None,
+          wheels: Path | str | None = None, network: str | None = None,
           client_call: Sequence[str] | None = None) -> str:
-    """Build the image from `root`/Dockerfile, tagged image_tag(root) and ctxrepro:latest; returns the tag."""
+    """Build the image from `root`/Dockerfile, tagged image_tag(root) and ctxrepro:latest; returns the tag.
+
+    The tag hashes the recipe, not these inputs: another base image or wheel folder must give the same
+    pinned environment (the lock pins every package, the Dockerfile the apt versions)."""
     root = Path(root).resolve()
+    inputs = build_inputs(base_image=base_image, python_prefix=python_prefix, ca_bundle=ca_bundle, wheels=wheels,
+                          network=network)
     client = make_client(client_call)
     ensure_engine(client)
     tag = image_tag(root)
@@ -180,7 +252,7 @@ def build(root: Path | str, *, no_cache: bool = False, pull: bool = False,
         # stream_logs: show the build as it goes (a CUDA image takes minutes); load: put the result in the
         # engine's image store whichever buildx driver is active.
         for line in client.build(root, file=root / "Dockerfile", tags=[tag, f"{IMAGE_NAME}:latest"], load=True,
-                                 pull=pull, cache=not no_cache, stream_logs=True):
+                                 pull=pull, cache=not no_cache, stream_logs=True, **inputs):
             sys.stderr.write(line)
             sys.stderr.flush()
     except DockerException as e:
@@ -237,10 +309,26 @@ def _fail(error: DockerError) -> None:
 
 @docker_app.command("build")
 def build_cmd(no_cache: bool = typer.Option(False, "--no-cache", help="rebuild every layer"),
-              pull: bool = typer.Option(False, "--pull", help="pull a newer base image first")) -> None:
+              pull: bool = typer.Option(False, "--pull", help="pull a newer base image first"),
+              base_image: Optional[str] = typer.Option(
+                  None, "--base-image", envvar="CTXREPRO_BASE_IMAGE",
+                  help="a Debian bookworm image to build on (default: python:3.11-slim-bookworm)"),
+              python_prefix: Optional[Path] = typer.Option(
+                  None, "--python-prefix", envvar="CTXREPRO_PYTHON_PREFIX",
+                  help="install prefix of a CPython >= 3.11.4 built on bookworm, for a base without one"),
+              ca_bundle: Optional[Path] = typer.Option(
+                  None, "--ca-bundle", envvar="CTXREPRO_CA_BUNDLE",
+                  help="CA certificates pip trusts in the build (networks that intercept TLS)"),
+              wheels: Optional[Path] = typer.Option(
+                  None, "--wheels", envvar="CTXREPRO_WHEELS",
+                  help="a folder of wheels pip uses before downloading (a local package mirror)"),
+              network: Optional[str] = typer.Option(
+                  None, "--network", envvar="CTXREPRO_BUILD_NETWORK",
+                  help="network of the build's RUN steps, e.g. host")) -> None:
     """Build the image, tagged ctxrepro:<hash of Dockerfile + requirements.lock>; run from the repository root."""
     try:
-        tag = build(Path.cwd(), no_cache=no_cache, pull=pull)
+        tag = build(Path.cwd(), no_cache=no_cache, pull=pull, base_image=base_image, python_prefix=python_prefix,
+                    ca_bundle=ca_bundle, wheels=wheels, network=network)
     except DockerError as e:
         _fail(e)
     typer.echo(tag)
