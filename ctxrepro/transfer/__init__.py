@@ -6,5 +6,7 @@
   `load_checkpoint`, `load_trunk`);
 - `caffenet`: the rescale rows' CaffeNet-shaped network, its conversion and checkpoint (`convert_caffenet`,
   `load_converted`, which reads either format);
+- `imagenet`: ImageNet-supervised baselines from torchvision's published weights (or a file), keys renamed
+  into our towers and logged (`load_imagenet`);
 - `rescale`: the data-dependent init of Kraehenbuehl et al. (k-means init and between-layer rescaling).
 """
