@@ -66,6 +66,8 @@ SHRINK = [
     "aberration.test_images=10",
     "aberration.patches_per_image=16",
     "aberration.steps=20",
+    "linear_probe.imagenet_per_class=5",
+    "linear_probe.sgd.iterations=10",
 ]
 ROWS = ["color_dropping-scratch", "projection-ours", "color_dropping-ours", "color_dropping-kmeans_rescale",
         "color_dropping-ours_rescale", "vgg16-kmeans_rescale", "vgg16-ours_rescale"]  # the tiny profile's Table 1
@@ -146,3 +148,41 @@ def test_dvc_repro_end_to_end_and_metrics_diff(tmp_path):
     assert diff["metrics/pretext_eval.json"]["n_pairs"] == {"old": 12 * 32, "new": 12 * 16, "diff": -12 * 16}
     params = json.loads(_run(["dvc", "params", "diff", "HEAD~1", "--json"], repo).stdout)
     assert params["params.yaml"]["pretext_eval.pairs_per_image"] == {"old": 32, "new": 16, "diff": -16}
+
+    _failed_runs_keep_outputs(repo)
+
+
+# Run a stage with every atomic commit (os.replace) failing as a full disk would: the stage computes, then
+# cannot publish anything. Issue 18: a failed run leaves the earlier outputs as they were, nothing half-written.
+INJECT = """import os, sys
+def full(*args, **kwargs):
+    raise OSError(28, "No space left on device (injected)")
+os.replace = full
+from ctxrepro.cli import main
+sys.argv = ["ctxrepro", *sys.argv[1:]]
+main()
+"""
+
+
+def _snapshot(repo: Path) -> dict[str, bytes]:
+    skip = (".git", ".dvc")
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*"))
+            if p.is_file() and p.relative_to(repo).parts[0] not in skip}
+
+
+def _failed_runs_keep_outputs(repo: Path) -> None:
+    """One instance of every stage (the first item of a foreach), run again with a failing disk."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    firsts = {}
+    for name, stage in lock.items():
+        firsts.setdefault(name.split("@")[0], stage["cmd"])
+    assert len(firsts) >= 13, sorted(firsts)
+    before = _snapshot(repo)
+    for name, cmd in sorted(firsts.items()):
+        args = cmd.split()
+        assert args[:2] == ["ctxrepro", "stage"], cmd
+        result = _run([sys.executable, "-c", INJECT, *args[1:]], repo, check=False)
+        assert result.returncode != 0 and "injected" in result.stderr, (name, result.stderr[-2000:])
+        after = _snapshot(repo)
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        assert changed == [], (name, changed[:10])
