@@ -172,7 +172,8 @@ def load_weights(params: Params, row: Row, root: Path, log: logging.Logger
     if not params.imagenet_weights:
         raise StageError(f"convert ({params.row}): init {row.init} needs ImageNet weights: set "
                          f"convert.imagenet_weights, or drop the row from convert.rows")
-    return _imagenet(params.imagenet_weights, tower, config, root, log)
+    shape_tower, imagenet, shape, source = _imagenet(params.imagenet_weights, tower, config, root, log)
+    return shape_tower, imagenet, shape, {**source, "variant": row.variant}
 
 
 def _imagenet(source: str, tower: torch.nn.Sequential, config: dict, root: Path, log: logging.Logger):
