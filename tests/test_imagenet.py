@@ -142,18 +142,26 @@ def test_bad_sources_are_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_convert_plan_gives_the_imagenet_init_torchvisions_spec(tv_alexnet, tmp_path):
+def test_convert_load_weights_gives_the_imagenet_row_torchvisions_spec(tv_alexnet, tmp_path):
     from ctxrepro.pretext.model import ContextNet
-    from stages.convert import Params, plan
+    from stages.convert import Params, Row, figure6_spec, load_weights
 
-    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "pretrain").mkdir(parents=True)
     net = ContextNet("small", 48, width=4, fc_dim=16)
     torch.save({"model": net.state_dict(), "step": 3, "config": {"tower": "small", "patch": 48, "color": "none"}},
-               tmp_path / "models" / "pretrain.pt")
+               tmp_path / "models" / "pretrain" / "color_dropping.pt")
     torch.save(tv_alexnet.state_dict(), tmp_path / "models" / "alexnet.pth")
-    specs, jobs, sources = plan(Params(inits=("ours",), imagenet_weights="models/alexnet.pth"), tmp_path, LOG)
-    assert specs["ours"].tower == "small" and specs["ours"].conv6_kernel == 3
-    s = specs["imagenet"]
+    rows = {"color_dropping-ours": Row("color_dropping", "ours"),
+            "color_dropping-imagenet": Row("color_dropping", "imagenet")}
+    ours = Params(row="color_dropping-ours", rows=rows, imagenet_weights="models/alexnet.pth")
+    tower, weights, config, _ = load_weights(ours, rows["color_dropping-ours"], tmp_path, LOG)
+    spec = figure6_spec(ours, tower, config, LOG)
+    assert weights is tower and spec.tower == "small" and spec.conv6_kernel == 3 and spec.input_side == 227
+    p = Params(row="color_dropping-imagenet", rows=rows, imagenet_weights="models/alexnet.pth")
+    tower, weights, config, source = load_weights(p, rows["color_dropping-imagenet"], tmp_path, LOG)
+    s = figure6_spec(p, tower, config, LOG)
     assert (s.tower, s.width, s.conv6, s.conv6_kernel, s.color) == ("tv_alexnet", 64, 4096, 6, "torchvision")
-    assert sources["imagenet"] == {"path": "models/alexnet.pth", "arch": "alexnet"}
-    assert torch.equal(jobs["imagenet"].conv5.weight, tv_alexnet.features[10].weight)
+    # pool5 must be >= 8x8 for a 6x6 conv6 and a 3x3 pool6: by hand, (side - 11 + 4) // 4 + 1 -> pool 3/2 ... = 8
+    assert s.input_side == 287
+    assert source == {"path": "models/alexnet.pth", "arch": "alexnet", "variant": "color_dropping"}
+    assert torch.equal(weights.conv5.weight, tv_alexnet.features[10].weight)
