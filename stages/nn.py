@@ -18,7 +18,7 @@ from ctxrepro.pretext.export import Pretrained, load_pretrained, read_rgb
 from ctxrepro.pretext.sampling import cut_patches
 from ctxrepro.seeds import generator
 from ctxrepro.stage import StageContext, StageError
-from ctxrepro.transfer.imagenet import TORCHVISION
+from ctxrepro.transfer.imagenet import parse_source
 
 VOC07 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
 MODEL = Path("models/pretrain")  # <variant>.pt, one per pretraining variant
@@ -42,8 +42,9 @@ class Params:
     min_overlap: float = param(0.5, min=0.0, max=1.0,
                                help="a patch takes a box's class when the box covers at least this part of it")
     chunk: int = param(2048, min=1, help="patches embedded and scored at once (bounds memory)")
-    imagenet_weights: str = param("", help="'torchvision' (its AlexNet_Weights.IMAGENET1K_V1, downloaded once) or a "
-                                  "torchvision AlexNet state dict file; empty = skip")
+    imagenet_weights: str = param("", help="'torchvision' (its AlexNet_Weights.IMAGENET1K_V1, downloaded once), "
+                                  "'random:alexnet' (untrained, the smoke profile) or a torchvision AlexNet state "
+                                  "dict file; empty = skip")
     imagenet_input: int = param(224, min=64, help="side the patches are upsampled to for that net")
     show_queries: int = param(8, min=1, help="montage rows")
     show_k: int = param(5, min=1, help="matches shown per feature source")
@@ -84,7 +85,8 @@ def _sources(p: Params, pre: Pretrained, ctx: StageContext) -> tuple[dict, dict]
                "random": R.context_features(R.random_network(pre, seed), ctx.device, seed)}
     notes = {}
     if p.imagenet_weights:
-        source = p.imagenet_weights if p.imagenet_weights == TORCHVISION else ctx.root / p.imagenet_weights
+        named = parse_source(p.imagenet_weights, "alexnet") is not None  # torchvision[:arch] / random[:arch]
+        source = p.imagenet_weights if named else ctx.root / p.imagenet_weights
         net = R.load_imagenet_alexnet(source, ctx.device)
         sources["imagenet"] = R.imagenet_features(net, p.imagenet_input)
     else:

@@ -165,3 +165,33 @@ def test_convert_load_weights_gives_the_imagenet_row_torchvisions_spec(tv_alexne
     assert s.input_side == 287
     assert source == {"path": "models/alexnet.pth", "arch": "alexnet", "variant": "color_dropping"}
     assert torch.equal(weights.conv5.weight, tv_alexnet.features[10].weight)
+
+
+def test_random_source_is_torchvisions_network_seeded_and_offline(tmp_path):
+    assert I.parse_source("random", "vgg16") == "vgg16" and I.parse_source("random:alexnet", "small") == "alexnet"
+    with pytest.raises(ValueError, match="random:alexnet or random:vgg16"):
+        I.parse_source("random:resnet", "alexnet")
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    I.random_state_dict("vgg16")
+    assert torch.equal(torch.rand(1), before)  # the global RNG is untouched
+    a = I.load_imagenet("random:alexnet", "small", tmp_path, LOG)
+    b = I.load_imagenet("random", "alexnet", tmp_path, LOG)
+    torch.manual_seed(I.RANDOM_SEED)
+    reference = torchvision.models.alexnet(weights=None)  # torchvision's own init under the same seed
+    assert a.source == {"random": "alexnet", "seed": 0, "arch": "alexnet"} and a.arch == "alexnet"
+    assert torch.equal(a.tower.conv1.weight, reference.features[0].weight)
+    assert torch.equal(b.tower.fc6.weight, reference.classifier[1].weight)
+    assert torch.equal(a.classifier["fc8.bias"], reference.classifier[6].bias)
+
+
+def test_nn_takes_the_random_alexnet():
+    from ctxrepro.analysis.retrieval import load_imagenet_alexnet
+
+    torch.manual_seed(I.RANDOM_SEED)
+    reference = torchvision.models.alexnet(weights=None)
+    net = load_imagenet_alexnet("random:alexnet", "cpu")
+    assert torch.equal(net.features[3].weight, reference.features[3].weight)
+    with pytest.raises(ValueError, match="Figure 4's ImageNet column is AlexNet"):
+        load_imagenet_alexnet("random:vgg16", "cpu")

@@ -31,7 +31,7 @@ from ctxrepro.pretext.model import build_model
 from ctxrepro.pretext.sampling import cut_patches
 from ctxrepro.progress import track
 from ctxrepro.seeds import derive_seed, generator
-from ctxrepro.transfer.imagenet import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION, download_state_dict
+from ctxrepro.transfer.imagenet import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION, parse_source, source_state_dict
 
 BACKGROUND = "background"
 NN_SEED, RANDOM_INIT, NN_COLOR = 61, 62, 63  # seed purposes (pretext.data: 1..5, pretext_eval: 51)
@@ -152,11 +152,15 @@ def random_network(pre: Pretrained, seed: int) -> Pretrained:
 
 def load_imagenet_alexnet(source: Path | str, device: str) -> nn.Module:
     """torchvision's AlexNet with ImageNet weights: "torchvision" = its published AlexNet_Weights.IMAGENET1K_V1
-    through the weights API (downloaded once into $TORCH_HOME), else a state dict file."""
+    through the weights API (downloaded once into $TORCH_HOME), "random:alexnet" = its architecture randomly
+    initialised (the smoke profile), else a state dict file."""
     from torchvision.models import alexnet
 
-    if str(source) == TORCHVISION:
-        state, _ = download_state_dict("alexnet")
+    arch = parse_source(str(source), "alexnet") if isinstance(source, str) else None
+    if arch is not None:
+        if arch != "alexnet":
+            raise ValueError(f"ImageNet weights {source!r}: Figure 4's ImageNet column is AlexNet")
+        state, _ = source_state_dict(source, arch)
     else:
         path = Path(source)
         if not path.is_file():

@@ -7,7 +7,9 @@ one-column variant (64-192-384-256-256 channels, no LRN), not CaffeNet (96-256-3
 groups), so rows built from it compare with the paper's only approximately. Its VGG-16 is the paper's.
 
 A source is "torchvision" (the architecture chosen by the caller's tower family), "torchvision:alexnet",
-"torchvision:vgg16", or a file: a torchvision state dict (keys `features.<i>.*`, `classifier.<i>.*`) or a
+"torchvision:vgg16", "random[:alexnet|vgg16]" (torchvision's architecture with its own seeded random init,
+nothing downloaded: the smoke profile's stand-in, which exercises every shape of the ImageNet rows offline), or
+a file: a torchvision state dict (keys `features.<i>.*`, `classifier.<i>.*`) or a
 state dict already in our tower layout (`ctxrepro.transfer.convert.load_pretext_tower` reads those).
 
 torchvision keys are renamed into the towers "tv_alexnet" / "tv_vgg16" of `ctxrepro.pretext.model`: the
@@ -30,6 +32,8 @@ from ctxrepro.pretext.model import TOWERS, build_tower, conv_output
 from ctxrepro.transfer.trunk import TrunkSpec
 
 TORCHVISION = "torchvision"
+RANDOM = "random"  # "random[:arch]": torchvision's network, randomly initialised (seed RANDOM_SEED), no download
+RANDOM_SEED = 0
 ARCHS = ("alexnet", "vgg16")
 TOWER_OF = {"alexnet": "tv_alexnet", "vgg16": "tv_vgg16"}  # architecture -> our tower name
 WEIGHTS_OF = {"alexnet": "AlexNet_Weights", "vgg16": "VGG16_Weights"}  # torchvision.models enums
@@ -74,18 +78,34 @@ def download_state_dict(arch: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def parse_source(source: str, tower: str) -> str | None:
-    """The torchvision architecture named by `source` ("torchvision[:arch]"), or None for a file path.
-    A bare "torchvision" takes the architecture of the pretext tower family `tower`."""
-    if source == TORCHVISION:
-        if tower not in FAMILY:
-            raise ValueError(f"imagenet weights {source!r}: no torchvision architecture for tower {tower!r}")
-        return FAMILY[tower]
-    if source.startswith(TORCHVISION + ":"):
-        arch = source.split(":", 1)[1]
-        if arch not in ARCHS:
-            raise ValueError(f"imagenet weights {source!r}: choose torchvision:alexnet or torchvision:vgg16")
-        return arch
+    """The torchvision architecture named by `source` ("torchvision[:arch]" or "random[:arch]"), or None for a
+    file path. A bare "torchvision" / "random" takes the architecture of the pretext tower family `tower`."""
+    for kind in (TORCHVISION, RANDOM):
+        if source == kind:
+            if tower not in FAMILY:
+                raise ValueError(f"imagenet weights {source!r}: no torchvision architecture for tower {tower!r}")
+            return FAMILY[tower]
+        if source.startswith(kind + ":"):
+            arch = source.split(":", 1)[1]
+            if arch not in ARCHS:
+                raise ValueError(f"imagenet weights {source!r}: choose {kind}:alexnet or {kind}:vgg16")
+            return arch
     return None
+
+
+def random_state_dict(arch: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """torchvision's `arch` with its own initialisation under a fixed seed (the global RNG left untouched)."""
+    import torchvision.models as tvm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        state = getattr(tvm, arch)(weights=None).state_dict()
+    return state, {"random": arch, "seed": RANDOM_SEED}
+
+
+def source_state_dict(source: str, arch: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The state dict of a parsed "torchvision[:arch]" (downloaded) or "random[:arch]" (built) source."""
+    return random_state_dict(arch) if source.split(":", 1)[0] == RANDOM else download_state_dict(arch)
 
 
 def is_torchvision_layout(state: dict[str, Any]) -> bool:
@@ -156,7 +176,7 @@ def load_imagenet(source: str, tower: str, root: Path, log: logging.Logger) -> I
     None: the file is a state dict in our own tower layout (`convert.load_pretext_tower` reads those)."""
     arch = parse_source(source, tower)
     if arch is not None:
-        state, provenance = download_state_dict(arch)
+        state, provenance = source_state_dict(source, arch)
         return from_torchvision(state, provenance, log)
     path = Path(source) if Path(source).is_absolute() else root / source
     if not path.is_file():
