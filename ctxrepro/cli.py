@@ -102,7 +102,7 @@ def params_cmd(stage: str = typer.Argument(..., help="stage name, or 'base'")) -
 
 
 @app.command("profile")
-def profile_cmd(name: str = typer.Argument(..., help="tiny or paper"),
+def profile_cmd(name: str = typer.Argument(..., help="tiny, smoke or paper"),
                 force: bool = typer.Option(False, "--force", help="overwrite a params.yaml with local edits")) -> None:
     """Switch params.yaml to a profile (profiles/<name>.yaml); `dvc params diff` then shows the switch."""
     from ctxrepro.profiles import ProfileError, switch_profile

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ctxrepro.io import atomic_write_bytes
 
-PROFILES = ("tiny", "paper")
+PROFILES = ("tiny", "smoke", "paper")
 
 
 class ProfileError(ValueError):

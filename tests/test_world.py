@@ -360,3 +360,17 @@ def test_spec_validation_names_the_key():
         WorldSpec(nyu_images=4, nyu_train=4)
     with pytest.raises(ParamsError, match="world.imagenet_classes"):
         parse_dataclass(WorldSpec, {"imagenet_classes": 9}, "world")
+
+
+def test_voc_scenes_take_their_own_size_and_stay_within_vocs_500_px():
+    from ctxrepro.world.scenes import imagenet_scene, voc_scene
+
+    assert WorldSpec(image_size=400).voc_size == 400 and WorldSpec(image_size=400, voc_image_size=355).voc_size == 355
+    with pytest.raises(ValueError, match="voc_image_size=10"):
+        WorldSpec(voc_image_size=10)
+    rng = np.random.default_rng(0)
+    voc = [voc_scene(rng, 355, None).image.shape for _ in range(6)]
+    imagenet = [imagenet_scene(rng, CATEGORIES[0], 400, None).image.shape for _ in range(6)]
+    # long side = size * U(1.15, 1.4) for VOC, size * U(0.85, 1.25) for ImageNet (scenes.py), rounded
+    assert all(408 <= max(h, w) <= 497 for h, w, _ in voc)
+    assert all(340 <= max(h, w) <= 500 for h, w, _ in imagenet)

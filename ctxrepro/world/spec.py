@@ -60,7 +60,9 @@ class WorldSpec:
     imagenet_classes: int = param(8, min=1, max=len(CATEGORIES), help="ImageNet-layout classes (synsets)")
     imagenet_train_per_class: int = param(100, min=1, max=100000, help="train images per class")
     imagenet_val: int = param(80, min=1, max=100000, help="procedural val images (photos come on top)")
-    image_size: int = param(256, min=64, max=2048, help="side of a procedural scene; sizes vary around it")
+    image_size: int = param(256, min=64, max=2048, help="side of a procedural scene; sizes vary around it "
+                            "(ImageNet scenes: long side 0.85..1.25x it)")
+    voc_image_size: int = param(0, min=0, max=2048, help="VOC scenes' size (long side 1.15..1.4x it); 0 = image_size")
     voc07_trainval: int = param(120, min=2, max=100000, help="VOC 2007 trainval images")
     voc07_test: int = param(120, min=1, max=100000, help="VOC 2007 test images")
     voc11_trainval: int = param(150, min=2, max=100000, help="procedural VOC 2011 images (photos on top)")
@@ -72,7 +74,13 @@ class WorldSpec:
     junk: bool = param(True, help="add the real train tar's traps: PNG, CMYK, grayscale, truncated, tiny")
     jpeg_quality: int = param(90, min=50, max=100, help="JPEG quality of every written image")
 
+    @property
+    def voc_size(self) -> int:
+        return self.voc_image_size or self.image_size
+
     def __post_init__(self) -> None:
+        if 0 < self.voc_image_size < 64:
+            raise ValueError(f"voc_image_size={self.voc_image_size}: 0 (= image_size) or at least 64")
         if self.nyu_train >= self.nyu_images:
             raise ValueError(
                 f"nyu_train={self.nyu_train} must be below nyu_images={self.nyu_images} (testNdxs would be empty)")

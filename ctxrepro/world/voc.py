@@ -106,7 +106,7 @@ def _split_half(rng: np.random.Generator, ids: list) -> tuple:
 
 def _procedural(rng: np.random.Generator, spec: WorldSpec, scale: float | None, image_id: str, year: int) -> tuple:
     """(jpeg bytes, xml text, objects) of one rendered VOC image."""
-    scene = voc_scene(rng, spec.image_size, scale)
+    scene = voc_scene(rng, spec.voc_size, scale)
     h, w = scene.image.shape[:2]
     xml = annotation_xml(image_id, scene.objects, (w, h), year, photo=False)
     return encode_jpeg(scene.image, spec.jpeg_quality), xml, scene.objects
