@@ -21,7 +21,7 @@ from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.transfer.caffenet import CaffeNetSpec, convert_caffenet, save_caffenet
 from ctxrepro.transfer.convert import INITS, CropSet, convert, load_pretext_tower, log_mapping, sample_crops
-from ctxrepro.transfer.imagenet import TORCHVISION, TOWER_OF, load_imagenet
+from ctxrepro.transfer.imagenet import FAMILY, TORCHVISION, TOWER_OF, load_imagenet
 from ctxrepro.transfer.rescale import RescaleConfig
 from ctxrepro.transfer.trunk import TrunkSpec, body_layers, save_checkpoint
 
@@ -215,9 +215,11 @@ def figure6_spec(params: Params, tower: torch.nn.Sequential, config: dict, log: 
 
 
 def caffenet_spec(params: Params, config: dict) -> CaffeNetSpec:
-    if config["tower"] not in params.roi_pool:
+    """CaffeNet's sizes on the tower; torchvision's towers (tv_alexnet, tv_vgg16) take their family's RoI grid."""
+    grid = params.roi_pool.get(config["tower"], params.roi_pool.get(FAMILY.get(config["tower"], "")))
+    if grid is None:
         raise StageError(f"convert.roi_pool has no grid for the {config['tower']} tower: add it")
-    return CaffeNetSpec(tower=config["tower"], width=config["width"], roi_pool=params.roi_pool[config["tower"]],
+    return CaffeNetSpec(tower=config["tower"], width=config["width"], roi_pool=grid,
                         fc6=params.fc6, fc7=params.fc7, classes=params.classes, input_side=params.input_side,
                         color=_color(config))
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+BIN = Path(sys.executable).parent  # this venv's tools (dvc, ctxrepro)
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -43,3 +49,37 @@ def write_md5sums(folder: Path, wrong: dict[str, str] | None = None) -> None:
             if p.is_file() and p.name != "MD5SUMS"}
     sums.update(wrong or {})
     (Path(folder) / "MD5SUMS").write_text("".join(f"{md5}  {name}\n" for name, md5 in sums.items()))
+
+
+def repo_env(threads: int | None = 1) -> dict:
+    """The environment of a tool run in a test repo: this venv's bin first, git identity, no analytics."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               DVC_NO_ANALYTICS="1")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_in(args, cwd, check=True, threads: int | None = 1):
+    result = subprocess.run(args, cwd=cwd, env=repo_env(threads), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def clone_tree(root: Path, tmp_path: Path) -> Path:
+    """The working tree as git sees it (tracked and untracked-not-ignored files), in a fresh repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    repo = tmp_path / "repo"
+    for rel in filter(None, files):
+        src = root / rel
+        if src.is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    run_in(["git", "init", "-q"], repo)
+    run_in(["git", "add", "-A"], repo)
+    run_in(["git", "commit", "-qm", "clone"], repo)  # as a clone has: dvclive needs a commit to start from
+    return repo

@@ -144,7 +144,7 @@ def test_bad_sources_are_named(tmp_path):
 @pytest.mark.slow
 def test_convert_load_weights_gives_the_imagenet_row_torchvisions_spec(tv_alexnet, tmp_path):
     from ctxrepro.pretext.model import ContextNet
-    from stages.convert import Params, Row, figure6_spec, load_weights
+    from stages.convert import Params, Row, caffenet_spec, figure6_spec, load_weights
 
     (tmp_path / "models" / "pretrain").mkdir(parents=True)
     net = ContextNet("small", 48, width=4, fc_dim=16)
@@ -163,6 +163,8 @@ def test_convert_load_weights_gives_the_imagenet_row_torchvisions_spec(tv_alexne
     assert (s.tower, s.width, s.conv6, s.conv6_kernel, s.color) == ("tv_alexnet", 64, 4096, 6, "torchvision")
     # pool5 must be >= 8x8 for a 6x6 conv6 and a 3x3 pool6: by hand, (side - 11 + 4) // 4 + 1 -> pool 3/2 ... = 8
     assert s.input_side == 287
+    rescale = caffenet_spec(Params(roi_pool={"alexnet": 6, "vgg16": 7}), config)  # tv_alexnet: AlexNet's 6x6
+    assert (rescale.tower, rescale.roi_pool, rescale.width) == ("tv_alexnet", 6, 64)
     assert source == {"path": "models/alexnet.pth", "arch": "alexnet", "variant": "color_dropping"}
     assert torch.equal(weights.conv5.weight, tv_alexnet.features[10].weight)
 

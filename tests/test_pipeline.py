@@ -7,9 +7,7 @@ ones the full tiny profile and real data take.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,9 +15,9 @@ import pytest
 import yaml
 
 from ctxrepro.config import apply_overrides
+from helpers import clone_tree, run_in
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 # Smaller than the tiny profile, to keep `make test` short; every stage still runs on real files.
 SHRINK = [
@@ -77,37 +75,6 @@ STAGE_METRICS = ["fetch", "resize", "pretrain/color_dropping", "pretrain/project
                  "aberration", "report"]
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1")
-    return env
-
-
-def _run(args, cwd, check=True):
-    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
-
-
-def _clone(tmp_path: Path) -> Path:
-    """The working tree as git sees it (tracked and untracked-not-ignored files), in a fresh repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    repo = tmp_path / "repo"
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / rel)
-    _run(["git", "init", "-q"], repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "clone"], repo)  # as a clone has: dvclive needs a commit to start from
-    return repo
-
-
 def _write_params(repo: Path, sets: list[str]) -> None:
     data = apply_overrides(yaml.safe_load((repo / "params.yaml").read_text()), sets)
     (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -115,15 +82,15 @@ def _write_params(repo: Path, sets: list[str]) -> None:
 
 @pytest.mark.slow
 def test_dvc_repro_end_to_end_and_metrics_diff(tmp_path):
-    repo = _clone(tmp_path)
+    repo = clone_tree(ROOT, tmp_path)
     shutil.rmtree(repo / "metrics")  # the committed tiny run's: every file below must be written anew
     (repo / "REPORT.md").unlink()
     _write_params(repo, SHRINK)
-    _run(["dvc", "repro"], repo)
+    run_in(["dvc", "repro"], repo)
     fetch = json.loads((repo / "metrics/fetch.json").read_text())
     assert fetch["datasets"]["imagenet"]["images"] == 8 * 12 + 5 + 10 + 10  # train + junk + val + photos
     assert (repo / "data/raw/voc2007/VOCdevkit/VOC2007/ImageSets/Main/test.txt").is_file()
-    status = _run(["dvc", "status", "--json"], repo)
+    status = run_in(["dvc", "status", "--json"], repo)
     assert json.loads(status.stdout) == {}, status.stdout  # everything up to date after repro
 
     for name in STAGE_METRICS:
@@ -137,16 +104,16 @@ def test_dvc_repro_end_to_end_and_metrics_diff(tmp_path):
             (repo / "REPORT.md").read_text(), row
     assert json.loads((repo / "metrics/mine.json").read_text())["n_constellations"] == 64
 
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "first run"], repo)
+    run_in(["git", "add", "-A"], repo)
+    run_in(["git", "commit", "-qm", "first run"], repo)
     _write_params(repo, ["pretext_eval.pairs_per_image=16"])
-    repro = _run(["dvc", "repro"], repo)
+    repro = run_in(["dvc", "repro"], repo)
     assert "Running stage 'pretext_eval'" in repro.stdout and "Running stage 'pretrain'" not in repro.stdout
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "second run"], repo)
-    diff = json.loads(_run(["dvc", "metrics", "diff", "HEAD~1", "--json"], repo).stdout)
+    run_in(["git", "add", "-A"], repo)
+    run_in(["git", "commit", "-qm", "second run"], repo)
+    diff = json.loads(run_in(["dvc", "metrics", "diff", "HEAD~1", "--json"], repo).stdout)
     assert diff["metrics/pretext_eval.json"]["n_pairs"] == {"old": 12 * 32, "new": 12 * 16, "diff": -12 * 16}
-    params = json.loads(_run(["dvc", "params", "diff", "HEAD~1", "--json"], repo).stdout)
+    params = json.loads(run_in(["dvc", "params", "diff", "HEAD~1", "--json"], repo).stdout)
     assert params["params.yaml"]["pretext_eval.pairs_per_image"] == {"old": 32, "new": 16, "diff": -16}
 
     _failed_runs_keep_outputs(repo)
@@ -174,7 +141,7 @@ def _snapshot(repo: Path) -> dict[str, bytes]:
 def _failed_runs_keep_outputs(repo: Path) -> None:
     """One instance of every stage (the first item of a foreach), run again with a failing disk."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    current = set(_run(["dvc", "stage", "list", "--name-only"], repo).stdout.split())
+    current = set(run_in(["dvc", "stage", "list", "--name-only"], repo).stdout.split())
     firsts = {}
     for name, stage in lock.items():
         if name in current:
@@ -184,7 +151,7 @@ def _failed_runs_keep_outputs(repo: Path) -> None:
     for name, cmd in sorted(firsts.items()):
         args = cmd.split()
         assert args[:2] == ["ctxrepro", "stage"], cmd
-        result = _run([sys.executable, "-c", INJECT, *args[1:]], repo, check=False)
+        result = run_in([sys.executable, "-c", INJECT, *args[1:]], repo, check=False)
         assert result.returncode != 0 and "injected" in result.stderr, (name, result.stderr[-2000:])
         after = _snapshot(repo)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))

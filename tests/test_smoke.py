@@ -1,0 +1,51 @@
+"""The smoke profile end to end: `ctxrepro profile smoke && dvc repro` in a fresh clone, every stage at the paper's
+shapes (AlexNet/VGG-16 towers on 96-px patches, 227-px convert, 600-px Fast R-CNN, 480x640 normals) with a few
+steps each, on the CPU. About 25 minutes on 2 cores: it runs in `make test` (CI), not in `make test-fast`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import clone_tree, run_in
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _json(repo: Path, rel: str) -> dict:
+    return json.loads((repo / rel).read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.smoke
+def test_smoke_profile_runs_every_stage_at_the_papers_shapes(tmp_path):
+    repo = clone_tree(ROOT, tmp_path)
+    run_in(["ctxrepro", "profile", "smoke"], repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    run_in(["dvc", "repro"], repo, threads=None)
+    assert json.loads(run_in(["dvc", "status", "--json"], repo).stdout) == {}
+    stages = run_in(["dvc", "stage", "list", "--name-only"], repo).stdout.split()
+    locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert sorted(locked) == sorted(stages)  # every stage instance ran
+
+    world = _json(repo, "metrics/fetch.json")["world"]
+    assert world["nyuv2"]["images"] == params["fetch"]["world"]["nyu_images"]
+    for variant in params["pretrain"]["variants"]:
+        m = _json(repo, f"metrics/pretrain/{variant}.json")
+        assert m["steps"] == (1 if variant == "vgg16" else params["pretrain"]["steps"]), variant
+    rows = params["convert"]["rows"]
+    assert len(rows) == 10  # Table 1's rows, the ImageNet ones from random-init torchvision networks
+    for row, spec in rows.items():
+        convert, detect = _json(repo, f"metrics/convert/{row}.json"), _json(repo, f"metrics/detect/{row}.json")
+        assert convert["init"] == spec["init"] and 0.0 <= detect["map"] <= 1.0, row
+        # pool5 at 227 px: 7x7 for the Figure 6 AlexNet trunk (conv5 stride 16: (227 - 1) // 16 = 14 -> pool 7),
+        # 14x14 for VGG-16 (conv5 stride 16, no pool5 before conv6 in CaffeNet's RoI network)
+        if convert["network"] == "figure6" and spec["init"] != "imagenet":
+            assert convert["pool5_side"] == 7, row
+    for row in params["normals"]["rows"]:
+        m = _json(repo, f"metrics/normals/{row}.json")
+        assert m["input"] == [480, 640] or m.get("input_height") == 480, row
+    assert "Table 1" in (repo / "REPORT.md").read_text()
