@@ -1,8 +1,14 @@
-"""Linear probes on frozen features, per layer: ImageNet top-1 (Zhang et al.) and VOC07 SVM mAP (Goyal et al. 2019)."""
+"""Linear probes on frozen features, per layer: ImageNet top-1 (Zhang et al.) and VOC07 SVM mAP (Goyal et al. 2019).
+
+Networks: each pretraining variant's export, `random` (an export's architecture, untrained) and, when
+`imagenet_weights` names a source, `imagenet`: torchvision's ImageNet-supervised AlexNet / VGG-16, the upper
+reference of Zhang et al. 2017 Table 2.
+"""
 
 from __future__ import annotations
 
 import csv
+import logging
 import shutil
 import time
 from collections import Counter
@@ -18,7 +24,7 @@ from ctxrepro.config import param
 from ctxrepro.data.voc import VOC_CLASSES, load_split
 from ctxrepro.io import atomic_write_json
 from ctxrepro.metrics.voc_cls import image_labels
-from ctxrepro.pretext.export import Pretrained, load_pretrained
+from ctxrepro.pretext.export import load_pretrained
 from ctxrepro.stage import StageContext, StageError
 
 MODELS = Path("models/pretrain")  # one export per pretraining variant: models/pretrain/<variant>.pt
@@ -30,14 +36,19 @@ SCRATCH = Path("data/linear_probe")  # features while the stage runs; removed wh
 METRICS = Path("metrics/linear_probe")
 PLOTS = Path("plots/linear_probe")
 RANDOM = "random"
+IMAGENET = "imagenet"
 
 
 @dataclass(frozen=True)
 class Params:
     network: str = param("color_dropping", help="the network to probe (dvc.yaml's foreach sets it)")
     networks: tuple[str, ...] = param(["color_dropping", "projection", "vgg16", "random"],
-                                      help="models/pretrain/<name>.pt, or 'random': random_like untrained")
+                                      help="models/pretrain/<name>.pt, 'random': random_like untrained, or "
+                                      "'imagenet': the imagenet_weights network")
     random_like: str = param("color_dropping", help="the export whose architecture `random` copies")
+    imagenet_weights: str = param("", help="the `imagenet` network: 'torchvision[:alexnet|vgg16]' (published "
+                                  "weights, downloaded once), 'random[:alexnet|vgg16]' (torchvision's architecture, "
+                                  "seeded init, offline) or a torchvision state dict file; '' = no imagenet network")
     layers: tuple[str, ...] = param(list(L.LAYERS), choices=L.LAYERS, help="layers to probe")
     dims: int = param(9000, min=1, help="features per layer after average pooling (Zhang et al.: ~9k)")
     input_side: int = param(227, min=16, help="network input side (Zhang et al., Goyal et al.: 227)")
@@ -51,14 +62,28 @@ class Params:
     svm: H.SvmConfig = param(H.SvmConfig(), help="VOC07 SVMs (costs, folds, positive_weight, max_iter, tol)")
     profile_note: str = param("", help="what this profile scales down from the published protocol")
 
+    def __post_init__(self) -> None:
+        if IMAGENET in self.networks and not self.imagenet_weights:
+            raise ValueError(f"linear_probe.networks lists {IMAGENET!r} but linear_probe.imagenet_weights is empty: "
+                             f"name its weights ('torchvision', 'random:alexnet' or a state dict file) or drop "
+                             f"{IMAGENET!r} from the networks")
 
-def load_network(p: Params, root: Path, device: str, seed: int) -> Pretrained:
-    """The export of `p.network`, or for `random` the `random_like` export's architecture with a seeded init."""
+
+def load_network(p: Params, root: Path, device: str, seed: int, log: logging.Logger) -> L.ProbeNet:
+    """The export of `p.network`; for `random` the `random_like` export's architecture with a seeded init; for
+    `imagenet` the `imagenet_weights` network."""
     if p.network not in p.networks:
         raise ValueError(f"linear_probe.network={p.network!r} is not in linear_probe.networks {list(p.networks)}")
+    if p.network == IMAGENET:
+        return L.imagenet_net(p.imagenet_weights, root, device, log)
     name = p.random_like if p.network == RANDOM else p.network
-    pre = load_pretrained(root / MODELS / f"{name}.pt", device)
-    return random_network(pre, seed) if p.network == RANDOM else pre
+    export = MODELS / f"{name}.pt"
+    pre = load_pretrained(root / export, device)
+    if p.network == RANDOM:
+        pre = random_network(pre, seed)
+        return L.ProbeNet(pre.model.tower, pre.net_size, pre.color, pre.model,
+                          {"random_init": True, "architecture_of": str(export), "seed": seed})
+    return L.ProbeNet(pre.model.tower, pre.net_size, pre.color, pre.model, {"export": str(export), "step": pre.step})
 
 
 def imagenet_split(root: Path, split: str, per_class: int) -> tuple[list[Path], list[str]]:
@@ -104,7 +129,7 @@ def _val_wnids(root: Path) -> dict[str, str]:
     return {f"imagenet/val/ILSVRC2012_val_{i:08d}.JPEG": by_id[c] for i, c in enumerate(ids, start=1)}
 
 
-def imagenet_probe(p: Params, ctx: StageContext, pre: Pretrained, taps: L.LayerTaps, scratch: Path) -> dict:
+def imagenet_probe(p: Params, ctx: StageContext, net: L.ProbeNet, taps: L.LayerTaps, scratch: Path) -> dict:
     """Top-1 on val per layer, features/s, and the data's counts."""
     seed = ctx.base.seed
     train, train_w = imagenet_split(ctx.root, "train", p.imagenet_per_class)
@@ -113,11 +138,11 @@ def imagenet_probe(p: Params, ctx: StageContext, pre: Pretrained, taps: L.LayerT
     val, val_w = zip(*[(v, w) for v, w in zip(val, val_w) if w in classes]) if val else ((), ())
     if not train or not val:
         raise ValueError(f"{ctx.root / MANIFEST}: {len(train)} labelled train and {len(val)} val images")
-    crop = L.ViewSpec("random", p.input_side, p.resize, pre.color)
-    ftrain = L.extract(taps, L.ImageViews(train, crop, p.views, seed), scratch / "imagenet_train", pre.color,
+    crop = L.ViewSpec("random", p.input_side, p.resize, net.color)
+    ftrain = L.extract(taps, L.ImageViews(train, crop, p.views, seed), scratch / "imagenet_train", net.color,
                        ctx.device, p.batch, p.workers)
-    center = L.ViewSpec("center", p.input_side, p.resize, pre.color)
-    fval = L.extract(taps, L.ImageViews(list(val), center), scratch / "imagenet_val", pre.color, ctx.device,
+    center = L.ViewSpec("center", p.input_side, p.resize, net.color)
+    fval = L.extract(taps, L.ImageViews(list(val), center), scratch / "imagenet_val", net.color, ctx.device,
                      p.batch, p.workers)
     y_train = np.array([classes.index(w) for w in train_w])
     y_val = np.array([classes.index(w) for w in val_w])
@@ -130,15 +155,15 @@ def imagenet_probe(p: Params, ctx: StageContext, pre: Pretrained, taps: L.LayerT
             "features_per_second": (ftrain.per_second, fval.per_second)}
 
 
-def voc_probe(p: Params, ctx: StageContext, pre: Pretrained, taps: L.LayerTaps, scratch: Path) -> dict:
+def voc_probe(p: Params, ctx: StageContext, net: L.ProbeNet, taps: L.LayerTaps, scratch: Path) -> dict:
     """VOC07 test mAP per layer of per-class SVMs trained on trainval."""
-    spec = L.ViewSpec("squash", p.input_side, p.input_side, pre.color)
+    spec = L.ViewSpec("squash", p.input_side, p.input_side, net.color)
     feats, labels = {}, {}
     for split in ("trainval", "test"):
         samples = load_split(ctx.root / VOC07, split)
         labels[split] = image_labels([s.annotation for s in samples], p.voc_classes)
         feats[split] = L.extract(taps, L.ImageViews([s.image for s in samples], spec), scratch / f"voc_{split}",
-                                 pre.color, ctx.device, p.batch, p.workers)
+                                 net.color, ctx.device, p.batch, p.workers)
     out = {}
     for layer in p.layers:
         out[layer] = H.voc_svm(np.asarray(feats["trainval"].load(layer)[0]), labels["trainval"],
@@ -152,25 +177,26 @@ def run(params: Params, ctx: StageContext) -> None:
     start = time.monotonic()
     scratch = ctx.root / SCRATCH / params.network
     try:
-        pre = load_network(params, ctx.root, ctx.device, ctx.base.seed)
-        before = L.weights_digest(pre.model)
-        taps = L.LayerTaps(pre.model.tower, pre.net_size, params.input_side, params.dims, params.layers)
+        net = load_network(params, ctx.root, ctx.device, ctx.base.seed, ctx.log)
+        before = L.weights_digest(net.frozen)
+        taps = L.LayerTaps(net.tower, net.net_size, params.input_side, params.dims, params.layers)
         shutil.rmtree(scratch, ignore_errors=True)
-        imagenet = imagenet_probe(params, ctx, pre, taps, scratch)
-        voc = voc_probe(params, ctx, pre, taps, scratch)
-        after = L.weights_digest(pre.model)
+        imagenet = imagenet_probe(params, ctx, net, taps, scratch)
+        voc = voc_probe(params, ctx, net, taps, scratch)
+        after = L.weights_digest(net.frozen)
     except (OSError, ValueError, KeyError) as e:
         raise StageError(f"linear_probe: {e}") from e
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if before != after:
         raise StageError(f"linear_probe: the {params.network} network's weights changed while probing")
-    metrics = _metrics(params, taps, imagenet, voc, before, time.monotonic() - start)
+    metrics = _metrics(params, taps, imagenet, voc, before, net.source, time.monotonic() - start)
     atomic_write_json(ctx.root / METRICS / f"{params.network}.json", metrics)
     _plot(ctx.root / PLOTS, params.network, metrics)
 
 
-def _metrics(p: Params, taps: L.LayerTaps, imagenet: dict, voc: dict, digest: str, seconds: float) -> dict:
+def _metrics(p: Params, taps: L.LayerTaps, imagenet: dict, voc: dict, digest: str, source: dict,
+             seconds: float) -> dict:
     fps = [*imagenet["features_per_second"], *voc["features_per_second"]]
     out = {"network": p.network, "imagenet_top1": imagenet["top1"],
            "voc07_map": {k: v["map"] for k, v in voc["layers"].items()},
@@ -180,7 +206,7 @@ def _metrics(p: Params, taps: L.LayerTaps, imagenet: dict, voc: dict, digest: st
            "dims": L.layer_dims(taps, p.input_side), "imagenet_classes": imagenet["classes"],
            "imagenet_train_images": imagenet["train_images"], "imagenet_val_images": imagenet["val_images"],
            "features_per_second": round(float(np.mean(fps)), 1), "weights_sha256": digest,
-           "weights_unchanged": True, "seconds": round(seconds, 1)}
+           "weights_unchanged": True, "weights_source": source, "seconds": round(seconds, 1)}
     if p.profile_note:
         out["profile_note"] = p.profile_note
     return out

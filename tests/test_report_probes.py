@@ -29,3 +29,21 @@ def test_probe_table_rows_and_published_numbers(tmp_path):
 def test_probe_table_without_runs_keeps_the_published_row(tmp_path):
     text = "\n".join(probes_section(tmp_path, RunData({}, {}, "paper", "abc")))
     assert "not run" in text and "16.2" in text and "Tiny world" not in text
+
+
+def test_imagenet_row_says_where_its_weights_came_from(tmp_path):
+    folder = tmp_path / "metrics" / "linear_probe"
+    folder.mkdir(parents=True)
+    top1 = {"conv1": 0.5, "conv5": 0.75}
+    source = {"weights": "AlexNet_Weights.IMAGENET1K_V1", "url": "https://x", "arch": "alexnet",
+              "imagenet_weights": "torchvision"}
+    for name in ("random", "imagenet", "color_dropping"):
+        (folder / f"{name}.json").write_text(json.dumps({"imagenet_top1": top1, "weights_source": source}))
+    text = "\n".join(probes_section(tmp_path, RunData({}, {}, "paper", "abc")))
+    row = "| imagenet (supervised, torchvision AlexNet IMAGENET1K_V1) | 50.0 | – | – | – | 75.0 | – |"
+    assert row in text
+    assert text.index("| color_dropping |") < text.index("| imagenet (") < text.index("| random |")
+    stand_in = {"random": "alexnet", "seed": 0, "arch": "alexnet", "imagenet_weights": "random:alexnet"}
+    (folder / "imagenet.json").write_text(json.dumps({"imagenet_top1": top1, "weights_source": stand_in}))
+    text = "\n".join(probes_section(tmp_path, RunData({}, {}, "paper", "abc")))
+    assert "| imagenet (torchvision AlexNet, random init: a stand-in, not ImageNet-trained) |" in text

@@ -5,11 +5,14 @@ benchmark of a self-supervised representation, layer by layer.
   conv1..conv5 (after its ReLU, as Caffe's in-place blobs) and fc6, the map average-pooled to a g x g grid
   with C * g * g close to `dims` (about 9,000: Zhang et al. 2017 resize to 9,216-9,600 dims; Goyal et al.'s
   released code average-pools to about 9k). fc6 is applied as a convolution over the pool5 map (its kernel
-  is pool5's side at the pretext input, as Figure 6's conv6), followed by its batch norm and ReLU.
+  is pool5's side at the pretext input, as Figure 6's conv6), followed by its batch norm and ReLU. torchvision's
+  towers (`tv_alexnet`, `tv_vgg16`: no bn6) read pool5 through torchvision's own `avgpool` (adaptive, to fc6's
+  kernel side), so their fc6 is exactly torchvision's `classifier[1]` + ReLU at any input size.
 - Whole images, not patches: the probes classify images, as Figure 6's trunk sees them (227 px in the paper).
   Pixels get the pretext preprocessing minus its randomness: per-image mean subtraction, the colour
   projection for networks trained with it (RGB otherwise, as the paper fine-tunes colour-dropping networks on
-  RGB), and the RMS-50 scale.
+  RGB), and the RMS-50 scale. The ImageNet-supervised network (`imagenet_net`) gets torchvision's normalisation
+  instead: (x / 255 - mean) / std per channel, the input its weights were trained on.
 - `extract` streams each layer's features to a .npy memmap (float16), batch by batch: a data set never
   sits in memory. The network is put in eval mode with gradients off; `weights_digest` lets the caller
   check that no weight (running statistics included) changed.
@@ -18,6 +21,7 @@ benchmark of a self-supervised representation, layer by layer.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -34,11 +38,37 @@ from ctxrepro.data.images import read_rgb
 from ctxrepro.pretext.color import PatchAugment, preprocess
 from ctxrepro.pretext.model import conv_output
 from ctxrepro.seeds import generator
+from ctxrepro.transfer.imagenet import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION, TRAIN_SIDE, load_imagenet
 from ctxrepro.transfer.trunk import fc_to_conv
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6")
 VIEWS = ("center", "random", "squash")
 AUGMENT = 11  # seed purpose of the training crops
+
+
+@dataclass(frozen=True)
+class ProbeNet:
+    """A network to probe: its tower (conv1..fc6), the side it was trained at (fc6's kernel is pool5's side
+    there), its input colour mode (`network_input`), the module whose weights must not change (`weights_digest`),
+    and where its weights came from (recorded in the metrics)."""
+
+    tower: nn.Sequential
+    net_size: int
+    color: str
+    frozen: nn.Module
+    source: dict
+
+
+def imagenet_net(source: str, root: Path, device: str, log: logging.Logger) -> ProbeNet:
+    """The ImageNet-supervised network of a `ctxrepro.transfer.imagenet` source ("torchvision[:alexnet|vgg16]",
+    "random[:alexnet|vgg16]" or a torchvision state dict file; bare "torchvision" / "random" are AlexNet, the
+    paper's network) as our tv_alexnet / tv_vgg16 tower, fed torchvision's input normalisation."""
+    net = load_imagenet(source, "alexnet", root, log)
+    if net is None:
+        raise ValueError(f"{source}: a state dict in our tower layout; the ImageNet probe needs torchvision's "
+                         f"(features.*, classifier.*) or a 'torchvision[:arch]' source")
+    tower = net.tower.to(device).eval()
+    return ProbeNet(tower, TRAIN_SIDE, TORCHVISION, tower, {**net.source, "imagenet_weights": source})
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -86,7 +116,8 @@ class LayerTaps(nn.Module):
         self.fc6 = self.bn6 = None
         if "fc6" in layers:
             channels, side = conv_output(list(tower.named_children())[:names.index("flatten")], net_size)
-            self.fc6, self.bn6 = fc_to_conv(tower.fc6, channels, side), tower.bn6
+            self.fc6 = fc_to_conv(tower.fc6, channels, side)
+            self.bn6 = tower.bn6 if "bn6" in names else None  # None: a torchvision tower (pool5 -> avgpool -> fc6)
         self.requires_grad_(False)
         self.eval()  # before the dry run below: in train mode it would move batch norm's running statistics
         self.grids = {name: grid_side(c, s, dims) for name, (c, s) in self.shapes(input_side).items()}
@@ -101,10 +132,15 @@ class LayerTaps(nn.Module):
             if name in self.taps:
                 out[self.taps[name]] = x
         if self.fc6 is not None:
-            if x.shape[-1] < self.fc6.kernel_size[0]:
-                raise ValueError(f"LayerTaps: pool5 is {x.shape[-1]} px, smaller than fc6's "
-                                 f"{self.fc6.kernel_size[0]}x{self.fc6.kernel_size[0]} kernel: use a larger input")
-            y = F.batch_norm(self.fc6(x), self.bn6.running_mean, self.bn6.running_var, eps=self.bn6.eps)
+            k = self.fc6.kernel_size[0]
+            if self.bn6 is None:  # torchvision's AdaptiveAvgPool2d before its classifier (identity at 224-227 px)
+                x = F.adaptive_avg_pool2d(x, k)
+            elif x.shape[-1] < k:
+                raise ValueError(f"LayerTaps: pool5 is {x.shape[-1]} px, smaller than fc6's {k}x{k} kernel: "
+                                 f"use a larger input")
+            y = self.fc6(x)
+            if self.bn6 is not None:
+                y = F.batch_norm(y, self.bn6.running_mean, self.bn6.running_var, eps=self.bn6.eps)
             out["fc6"] = F.relu(y)
         return out
 
@@ -166,7 +202,12 @@ def view_of(image: np.ndarray, spec: ViewSpec, g: torch.Generator | None) -> Ten
 
 
 def network_input(x: Tensor, color: str) -> Tensor:
-    """Section 3.1 preprocessing with no randomness: mean subtraction, projection (if trained with it), RMS 50."""
+    """Section 3.1 preprocessing with no randomness: mean subtraction, projection (if trained with it), RMS 50;
+    for `color` "torchvision" (the ImageNet-supervised network) torchvision's (x / 255 - mean) / std instead."""
+    if color == TORCHVISION:
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return (x.float() / 255.0 - mean) / std
     mode = "projection" if color == "projection" else "none"
     cfg = PatchAugment.for_patch(x.shape[-1], color=mode, downsample_prob=0.0)
     return preprocess(x, torch.Generator(), cfg)

@@ -5,6 +5,10 @@ The paper (2015) has no linear probes. Zhang, Isola, Efros (CVPR 2017, split-bra
 ImageNet linear top-1 from conv1..conv5 of Doersch et al.'s network (frozen, features resized to ~9k dims);
 no fc6 value is printed there. Goyal et al. (ICCV 2019) do not evaluate Doersch et al.'s network, so the VOC07
 SVM column has no published value for it.
+
+The `imagenet` row (when metrics/linear_probe/imagenet.json exists) is an ImageNet-supervised network probed the
+same way: Zhang et al.'s upper reference. Its label says where the weights came from (the metrics'
+`weights_source`), so a smoke run's randomly initialised stand-in is never read as supervised.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from ctxrepro.report.tables import DASH, NOT_RUN, RunData, md_table, pct, tiny_w
 
 METRICS = Path("metrics/linear_probe")
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6")
-ORDER = ("color_dropping", "projection", "vgg16", "imagenet", "random")
+IMAGENET = "imagenet"
+ORDER = ("color_dropping", "projection", "vgg16", IMAGENET, "random")
 NOT_PUBLISHED = "not published"
 # Zhang, Isola, Efros 2017, Table 2 ("Task Generalization on ImageNet Classification"), row "Doersch et al. [8]".
 ZHANG_2017_TABLE2 = {"conv1": 16.2, "conv2": 23.3, "conv3": 30.2, "conv4": 31.7, "conv5": 29.6}
@@ -40,6 +45,20 @@ def read_probes(root: Path) -> tuple[dict[str, dict], dict[str, str]]:
     return {n: found[n] for n in order}, bad
 
 
+def label(name: str, metrics: dict) -> str:
+    """The row's name; for `imagenet`, what its weights are (torchvision's published ones, a seeded random init
+    of torchvision's architecture, or a file)."""
+    source = metrics.get("weights_source")
+    if name != IMAGENET or not isinstance(source, dict):
+        return name
+    arch = {"alexnet": "AlexNet", "vgg16": "VGG-16"}.get(source.get("arch"), str(source.get("arch", "?")))
+    if "weights" in source:
+        return f"{IMAGENET} (supervised, torchvision {arch} {str(source['weights']).split('.')[-1]})"
+    if "random" in source:
+        return f"{IMAGENET} (torchvision {arch}, random init: a stand-in, not ImageNet-trained)"
+    return f"{IMAGENET} ({arch} from {source.get('path', '?')})"
+
+
 def _row(label: str, values: dict | None) -> list[str]:
     values = values if isinstance(values, dict) else {}
     return [label] + [pct(values.get(layer)) if layer in values else DASH for layer in LAYERS]
@@ -57,10 +76,10 @@ def probes_section(root: Path, run: RunData) -> list[str]:
         lines += ["", "> **Tiny world**: the 8 world classes of the tiny ImageNet and VOC07, a scaled-down protocol "
                       "(`linear_probe.profile_note`); these numbers cannot be compared with the published ones."]
     head = ["network", *LAYERS]
-    imagenet = [_row(n, m.get("imagenet_top1")) for n, m in probes.items()]
+    imagenet = [_row(label(n, m), m.get("imagenet_top1")) for n, m in probes.items()]
     imagenet.append(["Doersch et al., published (Zhang et al. 2017, Table 2)",
                      *[f"{ZHANG_2017_TABLE2[k]:.1f}" if k in ZHANG_2017_TABLE2 else NOT_PUBLISHED for k in LAYERS]])
-    voc = [_row(n, m.get("voc07_map")) for n, m in probes.items()]
+    voc = [_row(label(n, m), m.get("voc07_map")) for n, m in probes.items()]
     voc.append(["Doersch et al., published", *[NOT_PUBLISHED] * len(LAYERS)])
     lines += ["", "ImageNet linear top-1:", ""] + md_table(head, imagenet)
     lines += ["", "VOC07 classification mAP (linear SVMs; VOC07 11-point AP):", ""] + md_table(head, voc)
