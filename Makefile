@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test test-fast test-container bench lock clean
+.PHONY: install repro test test-fast smoke test-container bench lock clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test: install
 
 test-fast: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow and not container"
+
+# The smoke profile's `dvc repro` (the paper's shapes, a few steps each) in a fresh copy of the tree; make test runs it too.
+smoke: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m smoke
 
 # The image built and run for real with podman on a Debian bookworm base made with debootstrap
 # (.ci/container-setup; apt, as root). PYTHON_PREFIX: a CPython >= 3.11.4 built on bookworm (Debian's is
