@@ -25,7 +25,8 @@ def test_smoke_profile_runs_every_stage_at_the_papers_shapes(tmp_path):
     repo = clone_tree(ROOT, tmp_path)
     run_in(["ctxrepro", "profile", "smoke"], repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    run_in(["dvc", "repro"], repo, threads=None)
+    repro = run_in(["dvc", "repro"], repo, threads=None)
+    log = repro.stdout + repro.stderr
     assert json.loads(run_in(["dvc", "status", "--json"], repo).stdout) == {}
     stages = run_in(["dvc", "stage", "list", "--name-only"], repo).stdout.split()
     locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
@@ -41,11 +42,14 @@ def test_smoke_profile_runs_every_stage_at_the_papers_shapes(tmp_path):
     for row, spec in rows.items():
         convert, detect = _json(repo, f"metrics/convert/{row}.json"), _json(repo, f"metrics/detect/{row}.json")
         assert convert["init"] == spec["init"] and 0.0 <= detect["map"] <= 1.0, row
-        # pool5 at 227 px: 7x7 for the Figure 6 AlexNet trunk (conv5 stride 16: (227 - 1) // 16 = 14 -> pool 7),
-        # 14x14 for VGG-16 (conv5 stride 16, no pool5 before conv6 in CaffeNet's RoI network)
-        if convert["network"] == "figure6" and spec["init"] != "imagenet":
+        assert convert["conv5_stride"] == 16, row
+        if convert["network"] == "caffenet":  # RoI pooling to CaffeNet's 6x6 (AlexNet) or VGG-16's 7x7
+            assert convert["pool5_side"] == {"color_dropping": 6, "vgg16": 7}[spec["variant"]], row
+        elif spec["init"] != "imagenet":  # Figure 6: 227-px input, pool5 7x7
             assert convert["pool5_side"] == 7, row
     for row in params["normals"]["rows"]:
-        m = _json(repo, f"metrics/normals/{row}.json")
-        assert m["input"] == [480, 640] or m.get("input_height") == 480, row
+        assert f"models/convert/{row}.pt: 480x640 input" in log, row
+    for network in params["linear_probe"]["networks"]:
+        m = _json(repo, f"metrics/linear_probe/{network}.json")
+        assert set(m["imagenet_top1"]) == set(m["voc07_map"]) == set(params["linear_probe"]["layers"]), network
     assert "Table 1" in (repo / "REPORT.md").read_text()
