@@ -1,6 +1,6 @@
 """The smoke profile end to end: `ctxrepro profile smoke && dvc repro` in a fresh clone, every stage at the paper's
 shapes (AlexNet/VGG-16 towers on 96-px patches, 227-px convert, 600-px Fast R-CNN, 480x640 normals) with a few
-steps each, on the CPU. About 25 minutes on 2 cores: it runs in `make test` (CI), not in `make test-fast`."""
+steps each, on the CPU. About 21 minutes on 2 cores: it runs in `make test` (CI), not in `make test-fast`."""
 
 from __future__ import annotations
 
