@@ -15,6 +15,7 @@ from ctxrepro.analysis import retrieval as R
 from ctxrepro.analysis.pretext_eval import load_pretrained
 from ctxrepro.config import BaseParams
 from ctxrepro.stage import StageContext
+from ctxrepro.transfer.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_normalise_is_mean_free_unit_length():
@@ -149,7 +150,7 @@ def test_imagenet_alexnet_fc7_from_a_weights_file(alexnet_file, tmp_path):
     seen = []
     net.eval().classifier[5].register_forward_hook(lambda m, i, o: seen.append(o.clone()))
     x = torch.nn.functional.interpolate(patches.float() / 255, size=(64, 64), mode="bilinear", align_corners=False)
-    mean, std = torch.tensor(R.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(R.IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         net((x - mean) / std)
     assert feats.shape == (2, 4096) and torch.allclose(feats, seen[0], atol=1e-5)

@@ -38,7 +38,7 @@ from ctxrepro.data.images import read_rgb
 from ctxrepro.pretext.color import PatchAugment, preprocess
 from ctxrepro.pretext.model import conv_output
 from ctxrepro.seeds import generator
-from ctxrepro.transfer.imagenet import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION, TRAIN_SIDE, load_imagenet
+from ctxrepro.transfer.imagenet import TORCHVISION, TRAIN_SIDE, imagenet_normalize, load_imagenet
 from ctxrepro.transfer.trunk import fc_to_conv
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6")
@@ -205,9 +205,7 @@ def network_input(x: Tensor, color: str) -> Tensor:
     """Section 3.1 preprocessing with no randomness: mean subtraction, projection (if trained with it), RMS 50;
     for `color` "torchvision" (the ImageNet-supervised network) torchvision's (x / 255 - mean) / std instead."""
     if color == TORCHVISION:
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return (x.float() / 255.0 - mean) / std
+        return imagenet_normalize(x.float() / 255.0)
     mode = "projection" if color == "projection" else "none"
     cfg = PatchAugment.for_patch(x.shape[-1], color=mode, downsample_prob=0.0)
     return preprocess(x, torch.Generator(), cfg)

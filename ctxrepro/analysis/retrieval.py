@@ -31,7 +31,8 @@ from ctxrepro.pretext.model import build_model
 from ctxrepro.pretext.sampling import cut_patches
 from ctxrepro.progress import track
 from ctxrepro.seeds import derive_seed, generator
-from ctxrepro.transfer.imagenet import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION, parse_source, source_state_dict
+from ctxrepro.transfer.imagenet import (TORCHVISION, imagenet_normalize, parse_source, read_state_dict,
+                                       source_state_dict)
 
 BACKGROUND = "background"
 NN_SEED, RANDOM_INIT, NN_COLOR = 61, 62, 63  # seed purposes (pretext.data: 1..5, pretext_eval: 51)
@@ -167,10 +168,7 @@ def load_imagenet_alexnet(source: Path | str, device: str) -> nn.Module:
             raise FileNotFoundError(f"ImageNet weights {path} not found (a torchvision AlexNet state dict, e.g. "
                                     f"alexnet-owt-7be5be79.pth, or {TORCHVISION!r}); leave nn.imagenet_weights "
                                     f"empty to skip")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError) as e:
-            raise ValueError(f"{path}: cannot be read as a state dict ({e})") from e
+        state = read_state_dict(path)
     model = alexnet(weights=None)
     try:
         model.load_state_dict(state)
@@ -186,9 +184,7 @@ def imagenet_features(model: nn.Module, input_size: int) -> FeatureFn:
     def fn(patches: Tensor) -> Tensor:
         x = F.interpolate(patches.float() / 255.0, size=(input_size, input_size), mode="bilinear",
                           align_corners=False)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        h = model.avgpool(model.features((x - mean) / std)).flatten(1)
+        h = model.avgpool(model.features(imagenet_normalize(x))).flatten(1)
         return model.classifier[:6](h)  # dropout (identity in eval), fc6, relu, dropout, fc7, relu
 
     return fn

@@ -181,13 +181,26 @@ def load_imagenet(source: str, tower: str, root: Path, log: logging.Logger) -> I
     path = Path(source) if Path(source).is_absolute() else root / source
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no ImageNet weights file (or use {TORCHVISION!r} for torchvision's)")
+    state = read_state_dict(path)
+    return from_torchvision(state, {"path": str(source)}, log) if is_torchvision_layout(state) else None
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """A state dict file (weights only); an unreadable file or another object is a ValueError naming the file."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path}: cannot be read as a state dict ({e})") from e
     if not isinstance(state, dict):
         raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return from_torchvision(state, {"path": str(source)}, log) if is_torchvision_layout(state) else None
+    return state
+
+
+def imagenet_normalize(x: Tensor) -> Tensor:
+    """torchvision's input normalisation of RGB in 0..1: (x - mean) / std per channel."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def imagenet_spec(net: ImageNetNet, spec: TrunkSpec) -> TrunkSpec:
