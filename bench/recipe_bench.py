@@ -25,7 +25,6 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ctxrepro.pretext.color import PatchAugment, preprocess
 from ctxrepro.pretext.data import BatchSpec
@@ -33,6 +32,7 @@ from ctxrepro.pretext.engine import OptimConfig, TrainConfig, build_optimizer, t
 from ctxrepro.pretext.model import ContextNet
 from ctxrepro.pretext.monitor import Monitor
 from ctxrepro.pretext.sampling import batch_pairs, cut_patches_batch, sample_grid
+from synthetic import smooth_field  # bench/ (the script's folder)
 
 RECIPES = {
     "released": OptimConfig("sgd", lr=1e-5, momentum=0.0, loss="sum"),
@@ -43,17 +43,8 @@ SIZE = (474, 632)  # 299,568 pixels: the middle of the paper's [150K, 450K]
 
 
 def smooth_images(n: int, g: torch.Generator) -> list[torch.Tensor]:
-    """n (3, H, W) uint8 images: noise at 4 octaves, bilinearly upsampled and summed, with colour."""
-    h, w = SIZE
-    out = []
-    for _ in range(n):
-        x = torch.zeros(1, 3, h, w)
-        for cells in (4, 8, 16, 32):
-            noise = torch.randn(1, 3, cells, cells * w // h, generator=g)
-            x += F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=False) * (32 / cells) ** 0.5
-        x = (x - x.mean()) / x.std() * 45 + 120
-        out.append(x[0].clamp(0, 255).to(torch.uint8))
-    return out
+    """n (3, H, W) uint8 images: colour noise at 4 octaves, upsampled and summed (`synthetic.smooth_field`)."""
+    return [torch.from_numpy(smooth_field(*SIZE, g)).permute(2, 0, 1) for _ in range(n)]
 
 
 def make_batch(images: list[torch.Tensor], spec: BatchSpec, g: torch.Generator):
