@@ -21,7 +21,7 @@ from ctxrepro.metrics.normals import normals_command
 from ctxrepro.metrics.purity import purity_command
 from ctxrepro.metrics.voc import voc_command
 from ctxrepro.report.writer import report_command
-from ctxrepro.stage import StageError, available_stages, run_stage, stage_help
+from ctxrepro.stage import StageError, available_stages, check_params, run_stage, stage_help
 
 app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a DVC pipeline.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -130,6 +130,16 @@ def _describe(cls: type, prefix: str) -> list[str]:
 def params_cmd(stage: str = typer.Argument(..., help="stage name, or 'base'")) -> None:
     """List a params section's keys with types, defaults and allowed values."""
     typer.echo("\n".join(_describe(_params_class(stage), f"{stage}.")))
+
+
+@app.command("check")
+def check_cmd(params: Path = PARAMS_OPT) -> None:
+    """Check every stage's params section and the keys sections share (`make repro` runs it before DVC)."""
+    try:
+        stages = check_params(params)
+    except ParamsError as e:
+        _fail(str(e), 2)
+    typer.echo(f"{params}: base and {len(stages)} stage sections are valid")
 
 
 @app.command("profile")
