@@ -74,7 +74,7 @@ def load_npy(path: Path | str, what: str, error: type[EvalInputError] = EvalInpu
     size = path.stat().st_size
     if offset + count * dtype.itemsize > size:
         raise error(f"{path}: {what} is truncated: its header promises {count * dtype.itemsize} bytes of "
-                             f"{dtype} data {shape}, the file holds {size - offset}")
+                    f"{dtype} data {shape}, the file holds {size - offset}")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -87,11 +87,10 @@ def _header(path: Path, what: str, error: type[EvalInputError]) -> tuple[tuple[i
         raise error(f"{path}: {what} is a folder, expected a .npy file")
     if not path.exists():
         raise error(f"{path}: {what} not found")
+    if path.stat().st_size == 0:
+        raise error(f"{path}: {what} is empty (0 bytes), expected a .npy array")
     try:
         with open(path, "rb") as f:
-            if f.read(1) == b"":
-                raise error(f"{path}: {what} is empty (0 bytes), expected a .npy array")
-            f.seek(0)
             version = np.lib.format.read_magic(f)
             readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
             if version not in readers:
