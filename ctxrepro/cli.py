@@ -62,7 +62,7 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show tracebacks 
 eval_app.command("voc")(_one_line_errors(voc_command))
 eval_app.command("normals")(_one_line_errors(normals_command))
 eval_app.command("purity-coverage")(_one_line_errors(purity_command))
-app.command("report")(report_command)
+app.command("report")(_one_line_errors(report_command))
 
 PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", help="params file to read")
 SET_OPT = typer.Option(None, "--set", help="override section.key=value (YAML value), repeatable, like dvc exp run -S")
