@@ -126,6 +126,21 @@ def test_file_size_limit_in_a_real_process_is_one_line_and_keeps_the_old_output(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.json", "m.json", "sets.json"]
 
 
+def test_a_checkpoint_over_the_file_size_limit_is_the_kernels_efbig_naming_the_path(tmp_path):
+    """The issue's case: torch.save hits EFBIG (errno 27) in a real process and raised "unexpected pos"."""
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    code = ("import resource, sys, torch; from pathlib import Path; from ctxrepro.checkpoint import atomic_torch_save; "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))\n"
+            "try:\n    atomic_torch_save({'w': torch.ones(100_000)}, Path(sys.argv[1]))\n"
+            "except OSError as e:\n    print(e.errno, e.filename, e.strerror)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert res.stdout == f"{errno.EFBIG} {path} cannot write: File too large\n", res.stderr
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
 def test_atomic_write_removes_temp_files_of_dead_runs_and_nothing_else(tmp_path):
     gone = dead_pid()
     stale = [f".last.pt.{gone}.k2j_x9ab.tmp", f".color_dropping-ours.pt.{gone}.zz09aa11.tmp"]
