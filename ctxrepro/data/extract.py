@@ -4,7 +4,8 @@ Every member is checked before anything is written: absolute paths, `..` compone
 names seen before in the archive, links that leave the target (or pass through another link), device
 files and fifos are refused with an error naming the member and the archive. Tars are read in stream
 mode (one sequential pass, so the same pass can hash the file) and each member is then extracted with
-Python's `tarfile.data_filter` as a second line of defence. The caller extracts into a temporary folder and renames it, so a refusal leaves nothing behind.
+Python's `tarfile.data_filter` as a second line of defence. The caller extracts into a temporary folder
+and renames it, so a refusal leaves nothing behind.
 
 A tar must end with its two zero end-of-archive blocks: Python's stream mode would otherwise take a file
 cut at a member boundary (or garbage at a header) as a normal end. Every read error (truncation, bad
