@@ -87,11 +87,14 @@ def write_error(e: OSError, path: Path | str) -> OSError:
 
 
 def error_line(e: BaseException) -> str | None:
-    """One line for a read or write failure (an OSError, or an error raised from one): the path, what the
-    errno means and its symbol; None when `e` holds no OSError."""
+    """One line for a read or write failure: for an OSError, or a RuntimeError raised from one (torch's
+    serialization wraps them), the path, what the errno means and its symbol; for another error raised from
+    an OSError, its own message (ours name the file and what to do); None when `e` holds no OSError."""
     cause = os_error_in(e)
     if cause is None:
         return None
+    if not isinstance(e, (OSError, RuntimeError)):
+        return " ".join(str(e).split()) or error_line(cause)
     reason = cause.strerror or str(cause) or type(cause).__name__
     symbol = errno.errorcode.get(cause.errno, "") if isinstance(cause.errno, int) else ""
     where = f"{cause.filename}: " if cause.filename is not None else ""

@@ -108,6 +108,19 @@ def test_a_read_failure_names_the_file_and_the_errno(monkeypatch):
     assert res.exception is err
 
 
+def test_a_wrapped_read_failure_keeps_its_own_message_on_one_line(monkeypatch):
+    try:
+        try:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "models/x.pt")
+        except OSError as e:
+            raise ValueError("checkpoint models/x.pt cannot be read; delete it to start afresh") from e
+    except ValueError as wrapped:
+        err = wrapped
+    res = _stage_app_raising(monkeypatch, error=err).invoke(cli.app, ["stage", "pretrain"])
+    assert res.exit_code == 1
+    assert res.stderr == "error: checkpoint models/x.pt cannot be read; delete it to start afresh\n"
+
+
 def test_file_size_limit_in_a_real_process_is_one_line_and_keeps_the_old_output(tmp_path):
     """RLIMIT_FSIZE makes the kernel refuse the write with EFBIG (Python ignores SIGXFSZ)."""
     (tmp_path / "sets.json").write_text('[["a", "b"]]')
