@@ -16,6 +16,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 repro: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ctxrepro check
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # Tests marked `container` need a container engine and the built image: `make test-container` runs them.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -14,11 +16,12 @@ import typer
 
 from ctxrepro.config import BaseParams, ParamsError
 from ctxrepro.container import DockerError, docker_app
+from ctxrepro.io import error_line
 from ctxrepro.metrics.normals import normals_command
 from ctxrepro.metrics.purity import purity_command
 from ctxrepro.metrics.voc import voc_command
 from ctxrepro.report.writer import report_command
-from ctxrepro.stage import StageError, available_stages, run_stage, stage_help
+from ctxrepro.stage import StageError, available_stages, check_params, run_stage, stage_help
 
 app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a DVC pipeline.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -28,10 +31,38 @@ app.add_typer(docker_app, name="docker")
 eval_app = typer.Typer(help="Evaluate results files with the protocols other projects use (VOC AP, normals, purity).",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
-eval_app.command("voc")(voc_command)
-eval_app.command("normals")(normals_command)
-eval_app.command("purity-coverage")(purity_command)
-app.command("report")(report_command)
+
+
+def _one_line_errors(command):
+    """A command whose read and write failures (OSError, or an error raised from one) are one line and
+    exit 1; `--debug` or CTXREPRO_DEBUG=1 lets the traceback through instead."""
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:
+            line = error_line(e)
+            if line is None or _DEBUG[0] or os.environ.get("CTXREPRO_DEBUG", "") not in ("", "0"):
+                raise
+            _fail(line, 1)
+
+    return guarded
+
+
+_DEBUG = [False]  # set per invocation by --debug
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show tracebacks (also CTXREPRO_DEBUG=1)")) -> None:
+    _DEBUG[0] = debug
+
+
+eval_app.command("voc")(_one_line_errors(voc_command))
+eval_app.command("normals")(_one_line_errors(normals_command))
+eval_app.command("purity-coverage")(_one_line_errors(purity_command))
+app.command("report")(_one_line_errors(report_command))
 
 PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", help="params file to read")
 SET_OPT = typer.Option(None, "--set", help="override section.key=value (YAML value), repeatable, like dvc exp run -S")
@@ -63,7 +94,7 @@ def _make_stage_command(name: str):
 
 
 for _name in available_stages():
-    stage_app.command(name=_name, help=stage_help(_name))(_make_stage_command(_name))
+    stage_app.command(name=_name, help=stage_help(_name))(_one_line_errors(_make_stage_command(_name)))
 
 
 def _params_class(stage: str) -> type:
@@ -99,6 +130,16 @@ def _describe(cls: type, prefix: str) -> list[str]:
 def params_cmd(stage: str = typer.Argument(..., help="stage name, or 'base'")) -> None:
     """List a params section's keys with types, defaults and allowed values."""
     typer.echo("\n".join(_describe(_params_class(stage), f"{stage}.")))
+
+
+@app.command("check")
+def check_cmd(params: Path = PARAMS_OPT) -> None:
+    """Check every stage's params section and the keys sections share (`make repro` runs it before DVC)."""
+    try:
+        stages = check_params(params)
+    except ParamsError as e:
+        _fail(str(e), 2)
+    typer.echo(f"{params}: base and {len(stages)} stage sections are valid")
 
 
 @app.command("profile")

@@ -24,6 +24,11 @@ from typing import Any
 import yaml
 
 
+# Every whole number in params (counts, sizes, seeds) is at most this, whatever its own rule: a count
+# beyond it is a typo, not a budget, and would overflow the int32 tensors and loops it feeds.
+COUNT_MAX = 2**31 - 1
+
+
 class ParamsError(ValueError):
     """A params file or override that cannot be used: the message says which key and why."""
 
@@ -43,15 +48,20 @@ def yaml_load(text: str) -> Any:
 
 
 def param(default: Any, *, min: float | None = None, max: float | None = None,
-          choices: tuple | list | None = None, nonfinite: bool = False, help: str = "") -> Any:
+          choices: tuple | list | None = None, nonfinite: bool = False, refers: str | None = None,
+          help: str = "") -> Any:
     """A dataclass field carrying its validation rule; lists become tuples so dataclasses stay frozen.
 
-    `nonfinite=True` lets a float field hold NaN or an infinity (none does today).
+    `nonfinite=True` lets a float field hold NaN or an infinity (none does today). `refers="section.key"`:
+    the value (each item, for a list) must be a key of that mapping in the same params file
+    (`check_references`).
     """
     if isinstance(default, list):
         default = tuple(default)
+    if max is None and isinstance(default, int) and not isinstance(default, bool):
+        max = COUNT_MAX  # shown by `ctxrepro params`; `_check_scalar` holds every int to it anyway
     meta = {"min": min, "max": max, "choices": tuple(choices) if choices is not None else None,
-            "nonfinite": nonfinite, "help": help}
+            "nonfinite": nonfinite, "refers": refers, "help": help}
     if dataclasses.is_dataclass(default) or isinstance(default, dict):
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -81,6 +91,9 @@ def _check_scalar(tp: Any, value: Any, where: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > COUNT_MAX:
+                raise ParamsError(f"{where}: {value!r} is too large: a whole number in params is at most "
+                                  f"{COUNT_MAX} (2^31 - 1)")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -230,7 +243,32 @@ def load_params(path: Path | str, section: str, cls: type, sets: list[str] | tup
     base = parse_dataclass(BaseParams, data.get("base", {}), "base")
     if section not in data:
         raise ParamsError(f"params file {path} has no section '{section}'")
-    return base, parse_dataclass(cls, data.get(section), section)
+    params = parse_dataclass(cls, data.get(section), section)
+    check_references(params, data, section)
+    return base, params
+
+
+def check_references(obj: Any, data: dict, where: str) -> None:
+    """Refuse a value naming a key another section does not have (a `refers` field, nested dataclasses and
+    mappings of them included), naming the key and the allowed values. A referred section the file does
+    not hold is not checked."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{where}.{f.name}"
+        target = f.metadata.get("refers")
+        if target is not None:
+            section, _, name = target.partition(".")
+            allowed = (data.get(section) or {}).get(name) if isinstance(data.get(section), dict) else None
+            if isinstance(allowed, dict):
+                for v in value if isinstance(value, tuple) else (value,):
+                    if v not in allowed:
+                        raise ParamsError(f"{key}: {v!r} is not a `{target}` key: choose one of "
+                                          f"{', '.join(map(str, allowed))}")
+        if dataclasses.is_dataclass(value):
+            check_references(value, data, key)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if dataclasses.is_dataclass(v):
+                    check_references(v, data, f"{key}.{k}")
 
 
 def resolve_device(device: str) -> str:

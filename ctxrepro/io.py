@@ -1,12 +1,15 @@
 """Atomic file output: a stage's outputs are complete or absent (STYLE.md rule 6).
 
-Temporary folders carry their owner's process id (`.<name>.<pid>.<random>.tmp`), so a later run can
-remove what a killed one left (`remove_stale_temps`) without touching a live run's work.
+Temporary files and folders carry their owner's process id (`.<name>.<pid>.<random>.tmp`), so a later
+run can remove what a killed one left (`remove_stale_temps`) without touching a live run's work. A failed
+write is one OSError naming the final path (`write_error`), whatever library wrapped it; `error_line`
+makes the one line the command line prints for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,10 +30,17 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(f)` on a temporary file beside `path`, fsync it, then rename it into place.
 
     On any error the temporary file is removed and an existing `path` is left as it was.
+    A write failure (full disk, permission, file size limit) is raised as one OSError naming `path`, also
+    when the writer wrapped it in its own error (torch.save's "unexpected pos" RuntimeError). What a killed
+    earlier run left beside `path` under its temporary name is removed first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_once(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+    except OSError as e:
+        raise write_error(e, path) from e
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -38,10 +48,57 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        cause = os_error_in(e)
+        if cause is not None and cause.filename in (None, tmp):  # our file's write, not another file's read
+            raise write_error(cause, path) from e
         raise
+
+
+_SWEPT: set[Path] = set()  # folders this process has cleaned of stale temporary files
+
+
+def _sweep_once(folder: Path) -> None:
+    """`remove_stale_temps` of every name in `folder`, once per process (a folder of a million images is
+    scanned once, not once per image)."""
+    key = folder.resolve()
+    if key not in _SWEPT:
+        remove_stale_temps(folder)
+        _SWEPT.add(key)
+
+
+def os_error_in(e: BaseException | None) -> OSError | None:
+    """`e` itself if it is an OSError, else the first OSError it was raised from or while handling."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_error(e: OSError, path: Path | str) -> OSError:
+    """An OSError like `e` (same errno, so same subclass) naming the output `path` it failed to write."""
+    reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+    return OSError(e.errno, f"cannot write: {reason}", str(path))
+
+
+def error_line(e: BaseException) -> str | None:
+    """One line for a read or write failure: for an OSError, or a RuntimeError raised from one (torch's
+    serialization wraps them), the path, what the errno means and its symbol; for another error raised from
+    an OSError, its own message (ours name the file and what to do); None when `e` holds no OSError."""
+    cause = os_error_in(e)
+    if cause is None:
+        return None
+    if not isinstance(e, (OSError, RuntimeError)):
+        return " ".join(str(e).split()) or error_line(cause)
+    reason = cause.strerror or str(cause) or type(cause).__name__
+    symbol = errno.errorcode.get(cause.errno, "") if isinstance(cause.errno, int) else ""
+    where = f"{cause.filename}: " if cause.filename is not None else ""
+    return f"{where}{reason}" + (f" ({symbol})" if symbol else "")
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
@@ -72,13 +129,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: Path | str, name: str, log: logging.Logger | None = None) -> int:
-    """Delete `folder/.<name>.<pid>.*.tmp` left by processes that no longer exist; return how many.
+def remove_stale_temps(folder: Path | str, name: str | None = None, log: logging.Logger | None = None) -> int:
+    """Delete `folder/.<name>.<pid>.*.tmp` (files and folders; any name when `name` is None) left by
+    processes that no longer exist; return how many.
 
     Only this naming pattern is touched, and never an entry of a live process (a reused pid merely keeps
     a stale entry for one more run).
     """
-    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+    stem = ".+" if name is None else re.escape(name)
+    pattern = re.compile(rf"^\.{stem}\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
     removed = 0
     folder = Path(folder)
     if not folder.is_dir():

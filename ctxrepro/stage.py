@@ -84,6 +84,17 @@ def describe_device(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads)"
 
 
+def check_params(params_path: Path) -> list[str]:
+    """Parse `base` and every stage's section of a params file, with the keys one section takes from another
+    (`convert.rows.*.variant` from `pretrain.variants`, ...); return the stages checked. `dvc repro` checks
+    its dependencies before any stage runs, so a row naming a missing variant fails there with DVC's own
+    "[Errno 2]" on models/pretrain/<variant>.pt: this names the key instead (`make repro` runs it first)."""
+    stages = available_stages()
+    for name in stages:
+        load_params(params_path, name, importlib.import_module(f"stages.{name}").Params)
+    return stages
+
+
 def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1") -> None:
     """Parse, validate and log everything before the stage writes anything, then run it."""
     if name not in STAGE_ORDER or importlib.util.find_spec(f"stages.{name}") is None:

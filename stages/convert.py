@@ -37,7 +37,7 @@ CONVERT_SEED = 40  # purpose keys of derive_seed: (seed, 40, 0) crops, (seed, 40
 class Row:
     """One Table 1 row we build: the pretrain variant (its weights, or only its tower's shape) and the init."""
 
-    variant: str = param("color_dropping", help="models/pretrain/<variant>.pt")
+    variant: str = param("color_dropping", refers="pretrain.variants", help="models/pretrain/<variant>.pt")
     init: str = param("ours", choices=tuple(INITS), help="the paper's init name (section 4.3)")
 
 

@@ -42,7 +42,8 @@ NETWORKS = ("figure6", "caffenet")
 
 @dataclass(frozen=True)
 class Params:
-    row: str = param("color_dropping-ours", help="models/convert/<row>.pt, a convert.rows key (the foreach item)")
+    row: str = param("color_dropping-ours", refers="convert.rows",
+                     help="models/convert/<row>.pt, a convert.rows key (the foreach item)")
     classes: tuple[str, ...] = param(VOC_CLASSES, choices=VOC_CLASSES, help="classes scored (mAP over these)")
     train_split: str = param("trainval", choices=SPLITS, help="VOC 2007 image set to fine-tune on")
     test_split: str = param("test", choices=SPLITS, help="VOC 2007 image set to score")

@@ -63,6 +63,9 @@ class Params:
     profile_note: str = param("", help="what this profile scales down from the published protocol")
 
     def __post_init__(self) -> None:
+        if self.network not in self.networks:  # a params error (exit 2), before anything is loaded
+            raise ValueError(f"linear_probe.network: {self.network!r} is not in linear_probe.networks: choose one of "
+                             f"{', '.join(self.networks)}")
         if IMAGENET in self.networks and not self.imagenet_weights:
             raise ValueError(f"linear_probe.networks lists {IMAGENET!r} but linear_probe.imagenet_weights is empty: "
                              f"name its weights ('torchvision', 'random:alexnet' or a state dict file) or drop "

@@ -34,8 +34,9 @@ PLOTS = Path("plots/normals")
 
 @dataclass(frozen=True)
 class Params:
-    init: str = param("color_dropping-ours", help="models/convert/<init>.pt, a convert row (the foreach item)")
-    rows: tuple[str, ...] = param(("color_dropping-scratch", "color_dropping-ours"),
+    init: str = param("color_dropping-ours", refers="convert.rows",
+                      help="models/convert/<init>.pt, a convert row (the foreach item)")
+    rows: tuple[str, ...] = param(("color_dropping-scratch", "color_dropping-ours"), refers="convert.rows",
                                   help="dvc.yaml's foreach list: the convert rows Table 2 fine-tunes")
     gt_source: str = param("auto", choices=GT_SOURCES, help="auto: the FAIR normals zip if fetched, else depth")
     codebook: str = param("auto", choices=("auto", "vocab", "kmeans"),

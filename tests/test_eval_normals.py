@@ -163,4 +163,4 @@ def test_command_reports_errors_with_exit_code_2(tmp_path):
     assert res.exit_code == 2
     assert "(1, 2, 2, 3)" in res.output and "(1, 3, 2, 3)" in res.output
     res = CliRunner().invoke(_cli(), ["--pred", str(tmp_path / "missing.npy"), "--gt", str(tmp_path / "g.npy")])
-    assert res.exit_code == 2 and "no such file" in res.output
+    assert res.exit_code == 2 and "missing.npy: --pred array not found" in res.output

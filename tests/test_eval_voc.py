@@ -165,10 +165,10 @@ def test_command_prints_table_and_writes_ap_json(tmp_path):
     assert "car" in res.output and "mAP" in res.output
 
 
-def test_command_error_exits_nonzero_with_message(tmp_path):
+def test_command_error_exits_2_with_message(tmp_path):
     devkit = write_devkit(tmp_path / "VOC2007", {"000001": []})
     (tmp_path / "results").mkdir()
     res = CliRunner().invoke(_app(), ["--devkit", str(devkit), "--results", str(tmp_path / "results"),
                                       "--classes", "car"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # bad input: 2, as for params and the other eval commands (issue 26)
     assert "results file not found" in res.output

@@ -114,4 +114,4 @@ def test_command_error_names_file_and_id(tmp_path):
     assert "sets.json" in res.output and "'nope'" in res.output
     res = CliRunner().invoke(_app(), ["purity-coverage", "--sets", str(tmp_path / "missing.json"),
                                       "--labels", str(tmp_path / "labels.json")])
-    assert res.exit_code == 2 and "missing.json not found" in res.output
+    assert res.exit_code == 2 and "missing.json: sets file not found" in res.output

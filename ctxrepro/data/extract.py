@@ -1,10 +1,11 @@
 """Safe extraction of the data sets' tar, tar.gz and zip archives (DATA.md "Archives").
 
-Every member is checked before anything is written: absolute paths, `..` components, links that leave
-the target (or pass through another link), device files and fifos are refused with an error naming the
-member and the archive. Tars are read in stream mode (one sequential pass, so the same pass can hash
-the file) and each member is then extracted with Python's `tarfile.data_filter` as a second line of
-defence. The caller extracts into a temporary folder and renames it, so a refusal leaves nothing behind.
+Every member is checked before anything is written: absolute paths, `..` components, over-long names,
+names seen before in the archive, links that leave the target (or pass through another link), device
+files and fifos are refused with an error naming the member and the archive. Tars are read in stream
+mode (one sequential pass, so the same pass can hash the file) and each member is then extracted with
+Python's `tarfile.data_filter` as a second line of defence. The caller extracts into a temporary folder
+and renames it, so a refusal leaves nothing behind.
 
 A tar must end with its two zero end-of-archive blocks: Python's stream mode would otherwise take a file
 cut at a member boundary (or garbage at a header) as a normal end. Every read error (truncation, bad
@@ -32,6 +33,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 # tarfile's stream mode reads 10 KiB at a time by default; 1 MiB reads cut the per-call overhead of
 # reading and hashing (a 425 MiB tar of tars: 2.4 s CPU instead of 3.2 s on the 2-core dev machine).
 STREAM_BUFSIZE = 1 << 20
+# Linux's limits (ext4, xfs, btrfs, tmpfs): longer names fail with ENAMETOOLONG halfway through extraction.
+NAME_MAX, PATH_MAX = 255, 4096
 
 
 class ArchiveError(ValueError):
@@ -142,10 +145,26 @@ def archive_kind(path: Path) -> str:
     raise ValueError(f"{path}: not a known archive type (expected one of {', '.join(TAR_SUFFIXES)}, .zip)")
 
 
+def overlong(name: str) -> str | None:
+    """Why `name` is too long to create on common file systems (a component over NAME_MAX bytes, the whole
+    over PATH_MAX), or None."""
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > PATH_MAX:
+        return f"the name is {size} bytes long (at most {PATH_MAX})"
+    longest = max((len(p.encode("utf-8", "surrogateescape")) for p in re.split(r"[\\/]", name)), default=0)
+    if longest > NAME_MAX:
+        return f"a path component is {longest} bytes long (at most {NAME_MAX})"
+    return None
+
+
 def member_parts(name: str, archive: str) -> tuple[str, ...]:
-    """A member name as path components, refusing absolute paths and `..` (leading `./` is dropped)."""
+    """A member name as path components, refusing absolute paths, `..` and over-long names (leading `./` is
+    dropped)."""
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
         raise UnsafeArchiveError(archive, name, "absolute path")
+    too_long = overlong(name)
+    if too_long is not None:
+        raise UnsafeArchiveError(archive, name, too_long)
     parts = tuple(p for p in re.split(r"[\\/]", name) if p not in ("", "."))
     if ".." in parts:
         raise UnsafeArchiveError(archive, name, "'..' in the path escapes the target")
@@ -165,9 +184,12 @@ class _Guard:
             if self.kinds.get(parts[:i]) == "symlink":
                 raise UnsafeArchiveError(self.archive, name, f"writes through the symlink {'/'.join(parts[:i])}")
         previous = self.kinds.get(parts)
-        # A later member may rewrite an earlier file (tar appends updates), but never swap its type.
-        if previous is not None and ("symlink" in (previous, kind) or (previous == "dir") != (kind == "dir")):
-            raise UnsafeArchiveError(self.archive, name, f"replaces an earlier {previous} of the same name")
+        # A name twice is refused, never "the last copy wins" (tar's append-an-update habit): the published
+        # archives hold each name once, so a second copy means the file is not what it claims to be. Only a
+        # folder may be named again (its entry after files inside it, or twice).
+        if previous is not None and not (previous == kind == "dir"):
+            raise UnsafeArchiveError(self.archive, name, f"the same name twice (an earlier {previous}): "
+                                                         "duplicate members are refused")
         return parts
 
     def symlink(self, name: str, target: str) -> tuple[str, ...]:

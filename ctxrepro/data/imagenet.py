@@ -24,7 +24,8 @@ import unicodedata
 from pathlib import Path
 from typing import IO, Iterator
 
-from ctxrepro.data.extract import ArchiveError, Extracted, Reading, Tally, UnsafeArchiveError, open_stream, require_end
+from ctxrepro.data.extract import (ArchiveError, Extracted, Reading, Tally, UnsafeArchiveError, open_stream, overlong,
+                                   require_end)
 from ctxrepro.data.registry import ChecksumError, HashingReader
 from ctxrepro.io import atomic_write_json
 from ctxrepro.progress import track
@@ -48,6 +49,8 @@ def _flat_name(member: tarfile.TarInfo, label: str, seen: set[str]) -> str:
         reason = "control character in the file name"
     elif name.startswith("."):
         reason = "hidden file name (starts with '.'), which the image lists would skip"
+    elif overlong(name) is not None:
+        reason = overlong(name)
     elif name in seen:
         reason = "the same name twice in one class tar (the second copy would overwrite the first)"
     if reason is not None:

@@ -30,6 +30,7 @@ import numpy as np
 import typer
 
 from ctxrepro.io import atomic_write_json
+from ctxrepro.metrics.inputs import EvalInputError, load_npy
 
 THRESHOLDS = (11.25, 22.5, 30.0)  # Fouhey et al. 2013; Table 2's columns
 KEYS = ("mean", "median", "rmse", "within_11.25", "within_22.5", "within_30")
@@ -37,7 +38,7 @@ DIGIT_BITS = 16
 COLLECT_LIMIT = 1 << 22  # errors held at once to finish the median (4 Mi float64 = 32 MiB)
 
 
-class NormalsEvalError(ValueError):
+class NormalsEvalError(EvalInputError):
     """Inputs the metric cannot score; the message names the array, shape or image at fault."""
 
 
@@ -221,19 +222,10 @@ def evaluate_arrays(pred: np.ndarray, gt: np.ndarray, mask: Optional[np.ndarray]
     return pooled_metrics_spilled(errors, collect_limit=collect_limit)
 
 
-def _load(path: Path, name: str) -> np.ndarray:
-    if not path.is_file():
-        raise NormalsEvalError(f"--{name} {path}: no such file")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:  # not an .npy file, or an object array
-        raise NormalsEvalError(f"--{name} {path}: not a NumPy .npy array file ({e})") from e
-
-
 def evaluate_files(pred: Path, gt: Path, mask: Optional[Path] = None) -> dict[str, float]:
     """Table 2 metrics of .npy files, memory-mapped so that only one image is in memory at a time."""
-    p, g = _load(Path(pred), "pred"), _load(Path(gt), "gt")
-    m = None if mask is None else _load(Path(mask), "mask")
+    p, g = load_npy(pred, "--pred array", NormalsEvalError), load_npy(gt, "--gt array", NormalsEvalError)
+    m = None if mask is None else load_npy(mask, "--mask array", NormalsEvalError)
     return evaluate_arrays(p, g, m)
 
 
@@ -247,7 +239,7 @@ def normals_command(
     """Surface-normal accuracy (paper Table 2): mean, median, RMSE, % within 11.25/22.5/30 degrees."""
     try:
         metrics = evaluate_files(pred, gt, mask)
-    except NormalsEvalError as e:
+    except EvalInputError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     if out is not None:

@@ -19,11 +19,13 @@ from typing import Any, Mapping, Optional, Sequence
 import typer
 
 from ctxrepro.io import atomic_write_json
+from ctxrepro.metrics.inputs import EvalInputError
+from ctxrepro.metrics.inputs import read_json as read_checked_json
 
 CLIP = 0.5  # Figure 9: "In parentheses is the AUC up to a coverage of .5"
 
 
-class PurityError(ValueError):
+class PurityError(EvalInputError):
     """Input the evaluation cannot use; the message names the set and the image id."""
 
 
@@ -91,18 +93,10 @@ def chance_reference(labels: Mapping[str, Sequence[str]], n_sets: int, set_size:
     return {"auc": float(np.mean(aucs)), "auc_at_0.5": float(np.mean(halves))}
 
 
-def read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise PurityError(f"{what} file {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise PurityError(f"{what} file {path} is not valid JSON: {e}") from e
-
-
 def evaluate_files(sets_path: Path, labels_path: Path) -> dict[str, Any]:
     """purity_coverage of a sets file against a labels file, with errors that name the file."""
-    sets, labels = read_json(sets_path, "sets"), read_json(labels_path, "labels")
+    sets = read_checked_json(sets_path, "sets file", PurityError)
+    labels = read_checked_json(labels_path, "labels file", PurityError)
     if not isinstance(sets, list):
         raise PurityError(f"{sets_path}: expected a list of sets (lists of image ids)")
     if not isinstance(labels, dict):
@@ -121,7 +115,7 @@ def purity_command(
     """Purity-coverage AUC of image sets (paper section 4.5.1, Figure 9)."""
     try:
         result = evaluate_files(sets, labels)
-    except PurityError as e:
+    except EvalInputError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     if out is None:

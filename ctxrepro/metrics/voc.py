@@ -31,13 +31,14 @@ from typing import List, Optional, Sequence
 import numpy as np
 import typer
 
-from ctxrepro.data.voc import VOC_CLASSES, parse_annotation, read_image_set
+from ctxrepro.data.voc import SPLITS, VOC_CLASSES, parse_annotation
 from ctxrepro.io import atomic_write_json
+from ctxrepro.metrics.inputs import EvalInputError, read_bytes, read_text
 
 MIN_OVERLAP = 0.5  # VOCopts.minoverlap
 
 
-class VocEvalError(ValueError):
+class VocEvalError(EvalInputError):
     """Input the evaluation cannot use; the message names the file (and line)."""
 
 
@@ -67,18 +68,20 @@ class ClassResult:
 def load_ground_truth(devkit: Path, imageset: str, classes: Sequence[str]
                       ) -> tuple[tuple[str, ...], dict[str, ClassGroundTruth]]:
     """The image ids of the set and, per class, its boxes and difficult flags in annotation order."""
-    try:
-        ids = read_image_set(devkit, imageset)
-    except FileNotFoundError as e:
-        raise VocEvalError(str(e)) from e
+    listing = Path(devkit) / "ImageSets" / "Main" / f"{imageset}.txt"
+    if not listing.exists():
+        raise VocEvalError(f"{listing}: no image set {imageset!r} (splits: {', '.join(SPLITS)})")
+    ids = tuple(line.split()[0] for line in read_text(listing, "image set", VocEvalError).splitlines() if line.strip())
     boxes = {c: {} for c in classes}
     diff = {c: {} for c in classes}
     for image_id in ids:
         xml = Path(devkit) / "Annotations" / f"{image_id}.xml"
-        if not xml.is_file():
+        if not xml.exists():
             raise VocEvalError(f"{xml}: missing, but listed in ImageSets/Main/{imageset}.txt")
         try:
-            ann = parse_annotation(xml)
+            ann = parse_annotation(xml, text=read_bytes(xml, "annotation", VocEvalError))
+        except EvalInputError:
+            raise
         except ValueError as e:
             raise VocEvalError(str(e)) from e
         for c in classes:
@@ -91,11 +94,10 @@ def load_ground_truth(devkit: Path, imageset: str, classes: Sequence[str]
 
 
 def read_detections(path: Path, image_ids: set[str]) -> Detections:
-    """A results file; a missing file, a malformed line or an unknown image id is an error naming it."""
-    if not path.is_file():
-        raise VocEvalError(f"{path}: results file not found")
+    """A results file; a missing or unreadable file, a malformed line or an unknown image id is an error
+    naming it. An empty file is no detections (AP 0): the command warns about it."""
     ids, rows = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, "results file", VocEvalError, empty_ok=True).splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
@@ -250,13 +252,17 @@ def voc_command(
 ) -> None:
     """VOC 2007 detection AP per class and mAP, exactly as the devkit's VOCevaldet (paper section 4.3)."""
     try:
+        if not Path(results).is_dir():
+            raise VocEvalError(f"{results}: --results must be a folder of results files")
         results_by_class = evaluate(devkit, imageset, results, parse_classes(classes), comp)
-    except VocEvalError as e:
+    except EvalInputError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+        raise typer.Exit(2) from e
     for c, r in results_by_class.items():
         if r.npos == 0:
             typer.echo(f"warning: {c} has no non-difficult box in {imageset}: AP 0 (as the devkit)", err=True)
+        if r.detections == 0:
+            typer.echo(f"warning: {results_path(results, comp, imageset, c)} holds no detection: AP 0", err=True)
     typer.echo(format_table(results_by_class))
     if out is not None:
         atomic_write_json(out, summary(results_by_class))
