@@ -17,8 +17,9 @@ from ctxrepro.container import DockerError, docker_app
 from ctxrepro.metrics.normals import normals_command
 from ctxrepro.metrics.purity import purity_command
 from ctxrepro.metrics.voc import voc_command
+from ctxrepro.preflight.check import PreflightError
 from ctxrepro.report.writer import report_command
-from ctxrepro.stage import StageError, available_stages, run_stage, stage_help
+from ctxrepro.stage import StageError, available_stages, resolve_params, run_stage, stage_help
 
 app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a DVC pipeline.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -53,7 +54,7 @@ def _make_stage_command(name: str):
         _setup_logging()
         try:
             run_stage(name, params, list(set_ or []), shard)
-        except ParamsError as e:
+        except (ParamsError, PreflightError) as e:
             _fail(str(e), 2)
         except (StageError, DockerError) as e:
             _fail(str(e), 1)
@@ -112,6 +113,24 @@ def profile_cmd(name: str = typer.Argument(..., help="tiny, smoke or paper"),
     except ProfileError as e:
         _fail(str(e), 2)
     typer.echo(f"params.yaml is now the '{name}' profile (was: {previous}); see `dvc params diff`")
+
+
+@app.command("check")
+def check_cmd(params: Path = PARAMS_OPT,
+              as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object")) -> None:
+    """Before `dvc repro`: what it would run, the inputs they need, their disk and memory, and the free disk.
+    Exits 2 when an input is missing or the disk will not hold."""
+    import json
+
+    from ctxrepro.preflight.check import format_report, run_check
+    from ctxrepro.profiles import current_profile
+
+    try:
+        report = run_check(Path.cwd(), resolve_params(params), current_profile(Path.cwd()))
+    except ParamsError as e:
+        _fail(str(e), 2)
+    typer.echo(json.dumps(report.to_json(), indent=1) if as_json else format_report(report))
+    raise typer.Exit(report.code)
 
 
 def main() -> None:

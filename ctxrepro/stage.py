@@ -18,8 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from ctxrepro.config import BaseParams, ParamsError, load_params, resolve_device, to_plain
+from ctxrepro.config import (BaseParams, ParamsError, apply_overrides, load_params, load_yaml, parse_dataclass,
+                             resolve_device, to_plain)
 from ctxrepro.container import run_stage_in_container
+from ctxrepro.preflight.check import stage_check
 
 # Pipeline order; one name everywhere: dvc.yaml stage, params section, CLI command, metrics file, module.
 STAGE_ORDER = ("fetch", "resize", "pretrain", "convert", "proposals", "detect", "normals", "mine", "pretext_eval", "nn",
@@ -96,6 +98,10 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1")
         run_stage_in_container(Path.cwd(), name, params_path, list(sets), shard,
                                gpus=False if base.device == "cpu" else None)
         return
+    # Before any data is read: this instance's inputs and its disk (exit 2 naming what is missing).
+    sections = apply_overrides(load_yaml(params_path), sets)
+    sections[name] = to_plain(params)
+    stage_check(Path.cwd(), name, sections)
     device = resolve_device(base.device)
     if base.threads:
         import torch
@@ -110,3 +116,15 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1")
     if shard_t != (0, 1):
         log.info("shard %d of %d", *shard_t)
     module.run(params, StageContext(base=base, device=device, log=log, shard=shard_t, root=root))
+
+
+def resolve_params(params_path: Path) -> dict:
+    """Every section of a params file parsed by its stage (defaults filled, values checked), as plain data."""
+    data = load_yaml(params_path)
+    resolved = {"base": to_plain(parse_dataclass(BaseParams, data.get("base", {}), "base"))}
+    for name in available_stages():
+        if name not in data:
+            raise ParamsError(f"params file {params_path} has no section '{name}'")
+        cls = importlib.import_module(f"stages.{name}").Params
+        resolved[name] = to_plain(parse_dataclass(cls, data[name], name))
+    return resolved
