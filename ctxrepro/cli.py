@@ -17,7 +17,7 @@ from ctxrepro.container import DockerError, docker_app
 from ctxrepro.metrics.normals import normals_command
 from ctxrepro.metrics.purity import purity_command
 from ctxrepro.metrics.voc import voc_command
-from ctxrepro.preflight.check import PreflightError
+from ctxrepro.preflight.check import PreflightError, stage_check
 from ctxrepro.report.writer import report_command
 from ctxrepro.stage import StageError, available_stages, resolve_params, run_stage, stage_help
 
@@ -53,7 +53,7 @@ def _make_stage_command(name: str):
     def command(params: Path = PARAMS_OPT, set_: Optional[List[str]] = SET_OPT, shard: str = SHARD_OPT) -> None:
         _setup_logging()
         try:
-            run_stage(name, params, list(set_ or []), shard)
+            run_stage(name, params, list(set_ or []), shard, preflight=stage_check)
         except (ParamsError, PreflightError) as e:
             _fail(str(e), 2)
         except (StageError, DockerError) as e:

@@ -15,13 +15,13 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from ctxrepro.config import (BaseParams, ParamsError, apply_overrides, load_params, load_yaml, parse_dataclass,
                              resolve_device, to_plain)
 from ctxrepro.container import run_stage_in_container
-from ctxrepro.preflight.check import stage_check
 
 # Pipeline order; one name everywhere: dvc.yaml stage, params section, CLI command, metrics file, module.
 STAGE_ORDER = ("fetch", "resize", "pretrain", "convert", "proposals", "detect", "normals", "mine", "pretext_eval", "nn",
@@ -86,8 +86,13 @@ def describe_device(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads)"
 
 
-def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1") -> None:
-    """Parse, validate and log everything before the stage writes anything, then run it."""
+def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1",
+              preflight: Callable[[Path, str, dict], object] | None = None) -> None:
+    """Parse, validate and log everything before the stage writes anything, then run it.
+
+    `preflight(root, name, sections)` (the CLI passes ctxrepro.preflight.check.stage_check) runs after the
+    params parse and before any data is read; it raises to stop the stage. Passed in rather than imported, so
+    that the preflight's code is no dependency of every stage's outputs."""
     if name not in STAGE_ORDER or importlib.util.find_spec(f"stages.{name}") is None:
         raise ParamsError(f"unknown stage '{name}'; available: {', '.join(available_stages())}")
     module = importlib.import_module(f"stages.{name}")
@@ -98,10 +103,10 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1")
         run_stage_in_container(Path.cwd(), name, params_path, list(sets), shard,
                                gpus=False if base.device == "cpu" else None)
         return
-    # Before any data is read: this instance's inputs and its disk (exit 2 naming what is missing).
-    sections = apply_overrides(load_yaml(params_path), sets)
-    sections[name] = to_plain(params)
-    stage_check(Path.cwd(), name, sections)
+    if preflight is not None:
+        sections = apply_overrides(load_yaml(params_path), sets)
+        sections[name] = to_plain(params)
+        preflight(Path.cwd(), name, sections)
     device = resolve_device(base.device)
     if base.threads:
         import torch

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctxrepro.preflight import estimate, inputs, repo
+from ctxrepro.preflight import inputs, repo
 from ctxrepro.preflight.inputs import Input
 from ctxrepro.preflight.plan import Instance, counts, instance_of, instances
 from ctxrepro.preflight.sizes import Estimate
@@ -81,6 +81,8 @@ def _problems(found: list[Input], running: set[str]) -> list[str]:
 
 def run_check(root: Path, p: dict, profile: str = "custom") -> Report:
     """The whole preflight for params `p` (every section, resolved) in the checkout at `root`."""
+    from ctxrepro.preflight import estimate  # counts networks with torch: not at `ctxrepro --help`
+
     names = instances(p)
     stale, why = repo.dvc_status(root)
     runs = repo.would_run(root, [i.name for i in names], stale, why)
@@ -120,6 +122,8 @@ def _stage_inputs(p: dict, root: Path, inst: Instance) -> list[Input]:
 def stage_check(root: Path, stage: str, p: dict) -> Instance:
     """The check `ctxrepro stage` runs before loading data: this instance's inputs, and its disk against the
     free disk. Raises PreflightError naming what is missing or how much disk is needed."""
+    from ctxrepro.preflight import estimate
+
     inst = instance_of(stage, p[stage])
     problems = _problems(_stage_inputs(p, root, inst), {inst.name})
     try:

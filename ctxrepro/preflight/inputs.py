@@ -116,9 +116,11 @@ def archive_inputs(p: dict, root: Path, fetched: bool) -> list[Input]:
 
 def _help(archive: Archive, dataset: str, source: str, detail: str) -> str:
     what = f"{detail}; " if detail else ""
+    if archive.name == "ILSVRC2012_img_train.tar":
+        return f"{what}{IMAGENET_HELP}"
     if dataset == "imagenet":
-        extra = " The devkit (labels) is on the same page." if archive.name.endswith("tar.gz") else ""
-        return f"{what}{IMAGENET_HELP}{extra}"
+        return (f"{what}from the same ImageNet (ILSVRC2012) download page (login at https://image-net.org): put it "
+                f"beside the train tar in {source} (fetch.imagenet_source)")
     if archive.name == FAIR_ZIP:
         return (f"{what}the FAIR benchmark's normals and vocab40.mat codebook: {archive.url} (fetch.nyuv2_source "
                 "official gets it), or set normals.gt_source/codebook to depth/kmeans (not Table 2's protocol)")
