@@ -61,7 +61,9 @@ def _disk(root: Path, running: dict[str, Estimate], cache_dir: Path, copies: boo
             "repo_free_bytes": free_repo, "cache_free_bytes": free_cache, "same_file_system": shared}
     short = []
     if shared and outs + copy + scratch > free_repo:
-        short.append(f"disk: needs {gb(outs + copy + scratch)}, {gb(free_repo)} free on {repo.existing(root)}")
+        short.append(f"disk: needs {gb(outs + copy + scratch)}, {gb(free_repo)} free for the repository and its "
+                     f"DVC cache (cache.type hardlink or symlink saves {gb(copy)})" if copy else
+                     f"disk: needs {gb(outs + scratch)}, {gb(free_repo)} free for the repository")
     if not shared and outs + scratch > free_repo:
         short.append(f"disk: needs {gb(outs + scratch)}, {gb(free_repo)} free on {repo.existing(root)}")
     if not shared and copy > free_cache:

@@ -88,13 +88,13 @@ def _archive_status(archive: Archive, source: str, root: Path) -> tuple[str, str
         return archive.url, "downloaded" if done else "downloadable", ""
     if source.lower().startswith(("http://", "https://")):
         return source.rstrip("/") + "/" + archive.name, "downloadable", "not probed: fetch retries and verifies"
-    folder = Path(source).expanduser()
-    folder = folder if folder.is_absolute() else root / folder
+    shown = Path(source).expanduser()  # as params names it: relative paths are the repository's
+    folder = shown if shown.is_absolute() else root / shown
     if folder.is_file():
         status = "present" if folder.name == archive.name else "missing"
-        return str(folder), status, ""
+        return str(shown), status, ""
     status, detail = _local_status(archive, folder)
-    return str(folder / archive.name), status, detail
+    return str(shown / archive.name), status, detail
 
 
 def archive_inputs(p: dict, root: Path, fetched: bool) -> list[Input]:
@@ -132,13 +132,13 @@ def proposal_inputs(p: dict, root: Path) -> list[Input]:
     section = p["proposals"]
     if section["source"] != "mat":
         return []
-    folder = Path(section["mat_dir"] or ".")
-    folder = folder if folder.is_absolute() else root / folder
+    shown = Path(section["mat_dir"] or ".")
+    folder = shown if shown.is_absolute() else root / shown
     found = []
     for split in section["splits"]:
-        path = folder / f"voc_2007_{split}.mat"
-        status = "present" if path.is_file() else "missing"
-        found.append(Input(path.name, "proposals", str(path), status, ("proposals",),
+        name = f"voc_2007_{split}.mat"
+        status = "present" if (folder / name).is_file() else "missing"
+        found.append(Input(name, "proposals", str(shown / name), status, ("proposals",),
                            detail="" if status == "present" else SS_HELP))
     return found
 
