@@ -155,7 +155,8 @@ def format_report(r: Report) -> str:
     for name, s in r.stages.items():
         if s["runs"]:
             why = s["why"][0] + (f" (+{len(s['why']) - 1} more)" if len(s["why"]) > 1 else "")
-            lines.append(f"  {name:{width}s}  disk {gb(s['disk_bytes']):>10s}  memory {gb(s['memory_bytes']):>9s}  {why}")
+            sizes = f"disk {gb(s['disk_bytes']):>10s}  memory {gb(s['memory_bytes']):>9s}"
+            lines.append(f"  {name:{width}s}  {sizes}  {why}")
     lines.append("inputs:")
     lines += [_input_line(i) for i in r.inputs]
     c = r.cache

@@ -23,11 +23,11 @@ def _archive_bytes(dataset: str, p: dict) -> int:
 
 
 def fetch(p: dict, c: Counts) -> Estimate:
-    world = {"imagenet": (c.imagenet_train + c.imagenet_val) * c.imagenet_jpeg,
+    generated = {"imagenet": (c.imagenet_train + c.imagenet_val) * c.imagenet_jpeg,
              "voc2007": (c.voc07_trainval + c.voc07_test) * c.voc_px * WORLD_JPEG_BPP,
              "voc2011": c.voc11 * c.voc_px * WORLD_JPEG_BPP, "nyuv2": c.nyu * NYU_FRAME}
     raw = scratch = kept = 0
-    for dataset, size in world.items():
+    for dataset, size in generated.items():
         source = p["fetch"][f"{dataset}_source"]
         if source == "builtin":
             raw += int(size)

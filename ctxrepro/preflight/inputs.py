@@ -19,7 +19,8 @@ DATASETS = ("imagenet", "voc2007", "voc2011", "nyuv2")
 PROBLEMS = ("missing", "wrong size")
 FAIR_ZIP = "nyuv2_surfacenormal_metadata.zip"
 SS_HELP = ("Fast R-CNN's selective_search_data.tgz (about 0.5 GB; the dropbox link in Fast R-CNN's "
-           "data/scripts/fetch_selective_search_data.sh): unpack it into proposals.mat_dir, or set proposals.source: opencv")
+           "data/scripts/fetch_selective_search_data.sh): unpack it into proposals.mat_dir, "
+           "or set proposals.source: opencv")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class Input:
     name: str
     kind: str  # archive | devkit | normals | proposals | weights
     where: str  # the path or URL it is read from
-    status: str  # verified | listed | present | fetched | generated | downloadable | downloaded | cached | missing | wrong size
+    # verified | listed | present | fetched | generated | downloadable | downloaded | cached | missing | wrong size
+    status: str
     needed_by: tuple[str, ...]
     required: bool = True  # False: the stage falls back without it (reported, never an error)
     detail: str = ""  # how to get it, or what differs
@@ -69,7 +71,8 @@ def _local_status(archive: Archive, folder: Path) -> tuple[str, str]:
         if archive.size is None:
             return "present", "no published size to check"
         if size == archive.size:
-            return "verified", f"{size:,} bytes as published (fetch checks the {archive.checksum.algo if archive.checksum else 'size'})"
+            algo = archive.checksum.algo if archive.checksum else "size"
+            return "verified", f"{size:,} bytes as published (fetch checks the {algo})"
         return "wrong size", f"{size:,} bytes, the published file has {archive.size:,}"
     if (folder / archive.extracts_to).exists():
         return "present", f"extracted tree {folder / archive.extracts_to}"
@@ -160,7 +163,8 @@ def weights_inputs(p: dict, torch_hub: Path | None = None) -> list[Input]:
         one = _weights(source, tower, tuple(needers), torch_hub)
         if one is not None:
             old = found.get(one.name)
-            found[one.name] = one if old is None else Input(**{**asdict(old), "needed_by": old.needed_by + one.needed_by})
+            found[one.name] = one if old is None else Input(**{**asdict(old),
+                                                                "needed_by": old.needed_by + one.needed_by})
     return list(found.values())
 
 

@@ -4,7 +4,8 @@ A model: each term is a count from the params or the data (images, steps' shapes
 the meta device) times a size per item. Sizes per item are either exact (float32 weights, optimizer
 slots) or measured where stated (bench/README.md, or the committed tiny run's files for the small CSVs).
 tests/test_preflight.py holds every instance of the tiny run to within a factor of 3 of what dvc.lock
-records, and the whole tiny run and the smoke run's measured disk to within a factor of 2.
+records and the run's total to within 1.5x, and the smoke run's measured models, cache and peak disk to
+within 1.5x.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ NYU_FRAME = 2_972_037_809 / 1449  # nyu_depth_v2_labeled.mat bytes per frame (re
 UNSIZED = {"VOCtrainval_25-May-2011.tar": 1_700_000_000, "ILSVRC2012_devkit_t12.tar.gz": 2_500_000}
 # Small CSV and JSON outputs, bytes per row as the committed tiny run wrote them (dvc.lock sizes / rows).
 PAIR_ROW, MATCH_ROW, DETECTION_BYTES, CONSTELLATION_ROW = 205, 342, 712, 270
-PROPOSAL_BOXES = 2000  # DATA.md: about 2,000 selective-search boxes per VOC image
+PROPOSAL_BOXES = 2000  # Fast R-CNN's selective search: about 2,000 boxes per VOC image, all used
 
 
 @dataclass(frozen=True)
