@@ -196,3 +196,15 @@ def test_stage_check_refuses_a_disk_that_will_not_hold(tiny, tmp_path, monkeypat
         stage_check(tmp_path, "pretrain", {**tiny, "pretrain": {**tiny["pretrain"], "variant": "vgg16"}})
     monkeypatch.setattr(repo, "free_bytes", lambda path: 10 ** 12)
     assert stage_check(tmp_path, "pretrain", tiny).name == "pretrain@color_dropping"
+
+
+def test_a_late_stage_needs_what_fetch_placed_not_the_source(tmp_path, monkeypatch):
+    """linear_probe reads the devkit and val images from data/raw: the fetch source no longer matters."""
+    monkeypatch.setattr(repo, "free_bytes", lambda path: 10 ** 13)
+    paper = resolve_params(ROOT / "profiles" / "paper.yaml")
+    imagenet = tmp_path / "data" / "raw" / "imagenet"
+    (imagenet / "val").mkdir(parents=True)
+    with pytest.raises(PreflightError, match="ILSVRC2012_devkit_t12.tar.gz .*not in data/raw"):
+        stage_check(tmp_path, "linear_probe", paper)
+    (imagenet / "ILSVRC2012_devkit_t12").mkdir()
+    assert stage_check(tmp_path, "linear_probe", paper).name == "linear_probe@color_dropping"
