@@ -20,8 +20,9 @@ from ctxrepro.io import error_line
 from ctxrepro.metrics.normals import normals_command
 from ctxrepro.metrics.purity import purity_command
 from ctxrepro.metrics.voc import voc_command
+from ctxrepro.preflight.check import PreflightError, stage_check
 from ctxrepro.report.writer import report_command
-from ctxrepro.stage import StageError, available_stages, check_params, run_stage, stage_help
+from ctxrepro.stage import StageError, available_stages, check_params, resolve_params, run_stage, stage_help
 
 app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a DVC pipeline.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -83,8 +84,8 @@ def _make_stage_command(name: str):
     def command(params: Path = PARAMS_OPT, set_: Optional[List[str]] = SET_OPT, shard: str = SHARD_OPT) -> None:
         _setup_logging()
         try:
-            run_stage(name, params, list(set_ or []), shard)
-        except ParamsError as e:
+            run_stage(name, params, list(set_ or []), shard, preflight=stage_check)
+        except (ParamsError, PreflightError) as e:
             _fail(str(e), 2)
         except (StageError, DockerError) as e:
             _fail(str(e), 1)
@@ -132,16 +133,6 @@ def params_cmd(stage: str = typer.Argument(..., help="stage name, or 'base'")) -
     typer.echo("\n".join(_describe(_params_class(stage), f"{stage}.")))
 
 
-@app.command("check")
-def check_cmd(params: Path = PARAMS_OPT) -> None:
-    """Check every stage's params section and the keys sections share (`make repro` runs it before DVC)."""
-    try:
-        stages = check_params(params)
-    except ParamsError as e:
-        _fail(str(e), 2)
-    typer.echo(f"{params}: base and {len(stages)} stage sections are valid")
-
-
 @app.command("profile")
 def profile_cmd(name: str = typer.Argument(..., help="tiny, smoke or paper"),
                 force: bool = typer.Option(False, "--force", help="overwrite a params.yaml with local edits")) -> None:
@@ -153,6 +144,26 @@ def profile_cmd(name: str = typer.Argument(..., help="tiny, smoke or paper"),
     except ProfileError as e:
         _fail(str(e), 2)
     typer.echo(f"params.yaml is now the '{name}' profile (was: {previous}); see `dvc params diff`")
+
+
+@app.command("check")
+def check_cmd(params: Path = PARAMS_OPT,
+              as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object")) -> None:
+    """Before `dvc repro` (`make repro` runs it first): every params section and the keys sections share, what
+    DVC would run, the inputs they need, their disk and memory, and the free disk. Exits 2 when a param is
+    wrong, an input is missing or the disk will not hold."""
+    import json
+
+    from ctxrepro.preflight.check import format_report, run_check
+    from ctxrepro.profiles import current_profile
+
+    try:
+        check_params(params)
+        report = run_check(Path.cwd(), resolve_params(params), current_profile(Path.cwd()))
+    except ParamsError as e:
+        _fail(str(e), 2)
+    typer.echo(json.dumps(report.to_json(), indent=1) if as_json else format_report(report))
+    raise typer.Exit(report.code)
 
 
 def main() -> None:

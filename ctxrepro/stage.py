@@ -15,10 +15,12 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
-from ctxrepro.config import BaseParams, ParamsError, load_params, resolve_device, to_plain
+from ctxrepro.config import (BaseParams, ParamsError, apply_overrides, load_params, load_yaml, parse_dataclass,
+                             resolve_device, to_plain)
 from ctxrepro.container import run_stage_in_container
 
 # Pipeline order; one name everywhere: dvc.yaml stage, params section, CLI command, metrics file, module.
@@ -95,8 +97,13 @@ def check_params(params_path: Path) -> list[str]:
     return stages
 
 
-def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1") -> None:
-    """Parse, validate and log everything before the stage writes anything, then run it."""
+def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1",
+              preflight: Callable[[Path, str, dict], object] | None = None) -> None:
+    """Parse, validate and log everything before the stage writes anything, then run it.
+
+    `preflight(root, name, sections)` (the CLI passes ctxrepro.preflight.check.stage_check) runs after the
+    params parse and before any data is read; it raises to stop the stage. Passed in rather than imported, so
+    that the preflight's code is no dependency of every stage's outputs."""
     if name not in STAGE_ORDER or importlib.util.find_spec(f"stages.{name}") is None:
         raise ParamsError(f"unknown stage '{name}'; available: {', '.join(available_stages())}")
     module = importlib.import_module(f"stages.{name}")
@@ -107,6 +114,10 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1")
         run_stage_in_container(Path.cwd(), name, params_path, list(sets), shard,
                                gpus=False if base.device == "cpu" else None)
         return
+    if preflight is not None:
+        sections = apply_overrides(load_yaml(params_path), sets)
+        sections[name] = to_plain(params)
+        preflight(Path.cwd(), name, sections)
     device = resolve_device(base.device)
     if base.threads:
         import torch
@@ -121,3 +132,15 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1")
     if shard_t != (0, 1):
         log.info("shard %d of %d", *shard_t)
     module.run(params, StageContext(base=base, device=device, log=log, shard=shard_t, root=root))
+
+
+def resolve_params(params_path: Path) -> dict:
+    """Every section of a params file parsed by its stage (defaults filled, values checked), as plain data."""
+    data = load_yaml(params_path)
+    resolved = {"base": to_plain(parse_dataclass(BaseParams, data.get("base", {}), "base"))}
+    for name in available_stages():
+        if name not in data:
+            raise ParamsError(f"params file {params_path} has no section '{name}'")
+        cls = importlib.import_module(f"stages.{name}").Params
+        resolved[name] = to_plain(parse_dataclass(cls, data[name], name))
+    return resolved
