@@ -33,7 +33,7 @@ PROPOSALS = Path("data/proposals/voc2007")
 PROPOSALS_INDEX = "index.json"
 RESULTS = Path("results/detect")
 MODELS = Path("models/detect")
-STATE = Path("models/detect_state")  # <row>/last.pt: resume state, a `persist: true` out
+STATE = Path("models/detect_state")  # <row>/<config hash>/last.pt: resume states, a `persist: true` out
 METRICS = Path("metrics/detect")
 PLOTS = Path("plots/detect")
 DETECT_SEED = 70  # derive_seed purpose; the same for every row, so only the initialisation differs
@@ -150,7 +150,7 @@ def run(params: Params, ctx: StageContext) -> None:
     model.to(ctx.device)
     try:
         history = train(model, train_db, p.sampling(), p.solver(), derive_seed(ctx.base.seed, DETECT_SEED, 0),
-                        ctx.device, log, root / STATE / p.row / "last.pt")
+                        ctx.device, log, root / STATE / p.row)
     except (OSError, ValueError, FloatingPointError) as e:
         raise StageError(f"detect ({p.row}): {e}") from e
     trained = time.monotonic()

@@ -27,7 +27,7 @@ NYU_DIR = Path("data/raw/nyuv2")
 TRUNKS = Path("models/convert")
 PREDICTIONS = Path("data/normals")
 SCRATCH = Path("data/normals/.inputs")  # <init>/: the run's input-size images, removed when it ends
-STATE = Path("models/normals_state")  # <init>/last.pt: resume state, a `persist: true` out
+STATE = Path("models/normals_state")  # <init>/<config hash>/last.pt: resume states, a `persist: true` out
 METRICS = Path("metrics/normals")
 PLOTS = Path("plots/normals")
 
@@ -104,7 +104,7 @@ def _fine_tune(p: Params, ctx: StageContext, nyu, train_idx, gt, gt_name: str, n
     ctx.log.info("targets: %.1f%% of training grid cells have ground truth", 100.0 * data.valid.mean())
     net = build_net(trunk, channels, p.head_channels, len(book), ctx.base.seed)
     stats = train_normals(net, data, book, p.settings(ctx.base.seed), ctx.device, ctx.log,
-                          ctx.root / STATE / p.init / "last.pt")
+                          ctx.root / STATE / p.init)
     return net, book, grid, {**stats, "codebook": book_name, "grid": (h, w)}
 
 
