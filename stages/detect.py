@@ -12,7 +12,7 @@ import torch
 
 from ctxrepro import viz
 from ctxrepro.checkpoint import atomic_torch_save
-from ctxrepro.config import param
+from ctxrepro.config import BaseParams, param
 from ctxrepro.data.voc import SPLITS, VOC_CLASSES
 from ctxrepro.detection import table
 from ctxrepro.detection.infer import TestConfig, detect_all, write_results
@@ -94,6 +94,13 @@ class Params:
 
     def test(self) -> TestConfig:
         return TestConfig(self.scale, self.max_size, self.score_thresh, self.nms, self.max_per_class, self.roi_chunk)
+
+
+def state_records(p: Params, base: BaseParams) -> dict[str, dict]:
+    """The params part of every row's resume-state record (`ctxrepro states`; the weights and roidb digests
+    are not compared there)."""
+    return {"detect": {**asdict(p.solver()), **asdict(p.sampling()), "seed": derive_seed(base.seed, DETECT_SEED, 0),
+                       "dropout": p.dropout}}
 
 
 def _inputs(p: Params, root: Path, device: str) -> tuple[Converted, list, list]:

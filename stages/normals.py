@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ctxrepro.config import param
+from ctxrepro.config import BaseParams, param
 from ctxrepro.data.nyu import SHAPE_HW
 from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
 from ctxrepro.metrics.normals import NormalsEvalError
@@ -72,6 +72,12 @@ class Params:
     def settings(self, seed: int) -> TrainSettings:
         return TrainSettings(self.steps, self.batch, self.optimizer, self.lr, self.trunk_lr_mult, self.momentum,
                              self.weight_decay, self.flip, seed, self.log_every, self.checkpoint_every)
+
+
+def state_records(p: Params, base: BaseParams) -> dict[str, dict]:
+    """The params part of every init's resume-state record (`ctxrepro states`; the weights and data digests
+    are not compared there)."""
+    return {"normals": asdict(p.settings(base.seed))}
 
 
 def _codebook(p: Params, gt_name: str, nyu_dir: Path, sample: np.ndarray, seed: int, log) -> tuple[np.ndarray, str]:

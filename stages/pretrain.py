@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from ctxrepro.checkpoint import CheckpointMismatch
-from ctxrepro.config import ParamsError, param, parse_dataclass, to_plain
+from ctxrepro.config import BaseParams, ParamsError, param, parse_dataclass, to_plain
 from ctxrepro.io import atomic_write_json
 from ctxrepro.pretext import distributed as D
 from ctxrepro.pretext.color import COLOR_MODES, PatchAugment
@@ -102,6 +102,13 @@ def train_config(p: Params, seed: int) -> TrainConfig:
         checkpoint_every=p.checkpoint_every, log_every=p.log_every, amp=p.amp, channels_last=p.channels_last,
         min_live_fraction=p.min_live_fraction, compile=p.compile, heldout_images=p.heldout_images, workers=p.workers,
         decode=p.decode)
+
+
+def state_records(p: Params, base: BaseParams) -> dict[str, dict[str, Any]]:
+    """`pretrain/<variant>` -> the record its resume state is kept under (`ctxrepro states`; the world size is
+    `nproc`, as without torchrun)."""
+    return {f"pretrain/{name}": {**train_config(resolve_variant(p, name), base.seed).record(),
+                                 "world_size": p.nproc} for name in p.variants}
 
 
 def load_tables(root: Path, spec: BatchSpec, log: logging.Logger) -> tuple[ImageTable, ImageTable]:

@@ -1,0 +1,170 @@
+"""Kept resume states (issue 22) and checked checkpoints (issue 27): a changed param never destroys a state,
+going back resumes it bit-identically; a state with NaN/inf, random bytes or zero bytes is set aside with one
+log line and the run resumes from the previous good state or starts afresh; states are listed and removed
+only on request; the pretrain curves are live and a killed run leaves them up to its last logged step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctxrepro.checkpoint import CheckpointMismatch, load_checkpoint
+from ctxrepro.pretext.distributed import DistInfo
+from ctxrepro.pretext.engine import OptimConfig, TrainPaths, train
+from ctxrepro.states.folders import config_hash, resume_state
+from ctxrepro.states.listing import list_states, remove_state
+
+from test_engine import LOG, assert_same_state, make_cfg, tables
+from test_pretext_data import write_dataset
+
+pytestmark = pytest.mark.faults
+OTHER_LR = OptimConfig("sgd", lr=1e-2, momentum=0.9, loss="mean")  # make_cfg's is lr 1e-3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_dataset(root)
+    return root
+
+
+def run(data: Path, out: Path, cfg):
+    """Pretrain with `out/state` as the instance's state folder (as the stage does)."""
+    train_table, heldout = tables(data)
+    return train(cfg, train_table, heldout, TrainPaths(out / "state", out / "pretrain.pt"), "cpu", DistInfo(), LOG)
+
+
+def only_state(out: Path, cfg) -> Path:
+    return out / "state" / config_hash({**cfg.record(), "world_size": 1}) / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted 6-step run (checkpoints at 2, 4, 6)."""
+    out = tmp_path_factory.mktemp("ref")
+    return out, run(data, out, make_cfg())
+
+
+def test_changed_lr_then_old_lr_resumes_the_original_state_bit_identical(data, reference, tmp_path, caplog):
+    run(data, tmp_path, make_cfg(steps=3))  # stopped at step 3
+    first = only_state(tmp_path, make_cfg())
+    kept = first.read_bytes()
+    with caplog.at_level(logging.INFO):
+        changed = run(data, tmp_path, make_cfg(optim=OTHER_LR))
+    assert changed["steps"] == 6 and first.read_bytes() == kept  # a new folder; the old state untouched
+    assert re.search(rf"kept state .*{first.parent.name} \(step 3\) is not resumed: it differs in lr: 0.001 -> 0.01",
+                     caplog.text)
+    assert only_state(tmp_path, make_cfg(optim=OTHER_LR)).is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # the old lr again, other workers and checkpoint frequency: the same state
+        metrics = run(data, tmp_path, make_cfg(workers=1, checkpoint_every=3))
+    assert f"resumed from {first} at step 3" in caplog.text
+    assert "differs in lr: 0.01 -> 0.001" in caplog.text
+    assert_same_state(only_state(reference[0], make_cfg()), first)
+    assert metrics["heldout_accuracy"] == reference[1]["heldout_accuracy"]
+    assert metrics["train_loss"] == reference[1]["train_loss"] and metrics["steps"] == 6
+    assert sorted(p.parent.name for p in (tmp_path / "state").glob("*/last.pt")) == sorted(
+        {first.parent.name, only_state(tmp_path, make_cfg(optim=OTHER_LR)).parent.name})
+
+
+def _poison(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    key = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][key].view(-1)[0] = float("inf")
+    torch.save(state, path)
+
+
+def test_inf_in_last_pt_is_set_aside_and_the_run_resumes_from_prev(data, reference, tmp_path, caplog):
+    run(data, tmp_path, make_cfg(steps=4))  # last.pt at step 4, prev.pt at step 2
+    last = only_state(tmp_path, make_cfg())
+    assert load_checkpoint(last.with_name("prev.pt"))["step"] == 2
+    _poison(last)
+    with caplog.at_level(logging.INFO):
+        metrics = run(data, tmp_path, make_cfg())
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert re.fullmatch(rf"state {re.escape(str(last))} model\.\S+ holds NaN or inf: set aside as "
+                        r"last\.pt\.nonfinite-\d{8}T\d{6}Z; resuming from prev\.pt", line)
+    assert "resumed from" in caplog.text and "at step 2" in caplog.text
+    assert len(list(last.parent.glob("last.pt.nonfinite-*"))) == 1
+    assert_same_state(only_state(reference[0], make_cfg()), last)  # resumed at 2, ends where the reference did
+    assert metrics["train_loss"] == reference[1]["train_loss"]
+
+
+@pytest.mark.parametrize("content", [b"", os.urandom(4096)], ids=["zero-bytes", "random-bytes"])
+def test_unreadable_last_and_prev_are_one_line_each_then_a_fresh_run(data, reference, tmp_path, caplog, content):
+    last = only_state(tmp_path, make_cfg())
+    last.parent.mkdir(parents=True)
+    last.write_bytes(content)
+    last.with_name("prev.pt").write_bytes(content)
+    with caplog.at_level(logging.INFO):
+        run(data, tmp_path, make_cfg())
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.exc_info for r in warnings] == [None, None] and "weights_only=False" not in caplog.text
+    why = "an empty file" if not content else r"not a checkpoint of plain tensors \(\w+\)"
+    assert re.fullmatch(rf"state \S+last\.pt unreadable, {why}: set aside as last\.pt\.unreadable-\S+; "
+                        r"resuming from prev\.pt", warnings[0].getMessage())
+    assert warnings[1].getMessage().endswith("; starting afresh")
+    assert_same_state(only_state(reference[0], make_cfg()), last)  # a fresh run: the reference's end
+
+
+def test_a_single_file_state_of_the_old_layout_moves_into_its_folder_and_resumes(data, reference, tmp_path):
+    run(data, tmp_path, make_cfg(steps=2))
+    state = only_state(tmp_path, make_cfg())
+    (tmp_path / "state" / "last.pt").write_bytes(state.read_bytes())  # as the old code left it
+    for f in state.parent.iterdir():
+        f.unlink()
+    state.parent.rmdir()
+    run(data, tmp_path, make_cfg())
+    assert not (tmp_path / "state" / "last.pt").exists()
+    assert_same_state(only_state(reference[0], make_cfg()), state)
+
+
+def test_list_and_remove_states(data, reference, tmp_path):
+    for cfg in (make_cfg(steps=2), make_cfg(steps=2, optim=OTHER_LR)):
+        run(data, tmp_path / "run", cfg)  # two configurations: run/state/<hash>/
+    (tmp_path / "models" / "pretrain_state").mkdir(parents=True)
+    (tmp_path / "run" / "state").rename(tmp_path / "models" / "pretrain_state" / "w")
+    (tmp_path / "models" / "pretrain_state" / "w" / "last.pt.unreadable-20260101T000000Z").write_bytes(b"x")
+    current = {"pretrain/w": {**make_cfg(steps=99).record(), "world_size": 1}}
+    rows = list_states(tmp_path, current)
+    ours, other = (config_hash(current["pretrain/w"]), config_hash({**make_cfg(optim=OTHER_LR).record(),
+                                                                    "world_size": 1}))
+    assert sorted((r["stage"], r["instance"], r["config_hash"], r["step"]) for r in rows) == sorted(
+        [("pretrain", "w", "-", None), ("pretrain", "w", ours, 2), ("pretrain", "w", other, 2)])
+    assert [r["set_aside"] for r in rows if r["config_hash"] == "-"] == [["last.pt.unreadable-20260101T000000Z"]]
+    by_hash = {r["config_hash"]: r for r in rows}
+    assert by_hash[ours]["differs"] == [] and by_hash[other]["differs"] == ["lr: 0.01 -> 0.001"]
+    folder = Path(by_hash[other]["path"])
+    assert by_hash[other]["bytes"] == sum(f.stat().st_size for f in folder.iterdir())
+    with pytest.raises(ValueError, match="no kept state is 'abc'"):
+        remove_state(tmp_path, "abc")
+    assert remove_state(tmp_path, other[:8]) == [folder] and not folder.exists()
+    assert remove_state(tmp_path, str(folder.parent)) == [folder.parent]  # its own files only
+    assert [r["config_hash"] for r in list_states(tmp_path)] == [ours]
+
+
+def test_resume_state_beyond_the_budget_is_an_error_not_a_restart(tmp_path):
+    log = logging.getLogger("test_states")
+    record = {"lr": 0.1, "iterations": 5}
+    path, ckpt = resume_state(tmp_path, record, "iteration", 5, log)
+    assert ckpt is None and path == tmp_path / config_hash(record) / "last.pt"
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    from ctxrepro.checkpoint import save_state
+
+    save_state(path, model, opt, "here", config=record, iteration=5)
+    assert json.loads(path.with_name("last.json").read_text())["at"] == 5
+    assert resume_state(tmp_path, {**record, "iterations": 9}, "iteration", 9, log)[1]["iteration"] == 5
+    with pytest.raises(CheckpointMismatch, match=r"at iteration 5, beyond this run's 3: .*--remove"):
+        resume_state(tmp_path, {**record, "iterations": 3}, "iteration", 3, log)
+    assert path.is_file()
