@@ -168,3 +168,111 @@ def test_resume_state_beyond_the_budget_is_an_error_not_a_restart(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"at iteration 5, beyond this run's 3: .*--remove"):
         resume_state(tmp_path, {**record, "iterations": 3}, "iteration", 3, log)
     assert path.is_file()
+
+
+@pytest.fixture(scope="module")
+def detect_images(tmp_path_factory):
+    from test_detection_train import make_entries
+
+    root = tmp_path_factory.mktemp("detect_images")
+    make_entries(root)
+    return root
+
+
+@pytest.mark.parametrize("content", [b"", os.urandom(4096)], ids=["zero-bytes", "random-bytes"])
+def test_unreadable_detect_states_are_one_line_and_the_run_goes_on(detect_images, tmp_path, caplog, content):
+    """An unreadable state of the old single-file layout, then one in its configuration's folder."""
+    from test_detection_train import assert_same_checkpoint, make_solver
+    from test_detection_train import run as detect_run
+
+    detect_run(detect_images, tmp_path / "ref", make_solver())
+    [reference] = (tmp_path / "ref").glob("*/last.pt")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "last.pt").write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        detect_run(detect_images, state, make_solver(iterations=4))
+    [line] = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(rf"state {re.escape(str(state / 'last.pt'))} unreadable, .*: set aside as "
+                        r"last\.pt\.unreadable-\S+; starting afresh", line)
+    [last] = state.glob("*/last.pt")
+    last.write_bytes(content)  # prev.pt (iteration 3) is good
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, history = detect_run(detect_images, state, make_solver())
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.endswith("; resuming from prev.pt") and "weights_only=False" not in line
+    assert_same_checkpoint(reference, last)
+
+
+STAGE_PARAMS = dict(tower="small", patch=24, gap=12, jitter=2, input_size=16, grids_per_image=2, max_patches=40,
+                    min_pixels=8000, max_pixels=20000, color="drop", optimizer="adam", lr=1e-3, loss="mean", steps=6,
+                    checkpoint_every=2, log_every=1, heldout_images=3, workers=0)
+
+
+def run_stage(root: Path, data: Path, **changes) -> None:
+    """The pretrain stage in `root` (data/resized linked from `data`)."""
+    from ctxrepro.config import BaseParams
+    from ctxrepro.stage import StageContext
+    from stages import pretrain
+
+    if not (root / "data" / "resized").exists():
+        (root / "data").mkdir(parents=True)
+        (root / "data" / "resized").symlink_to(data / "data" / "resized")
+    pretrain.run(pretrain.Params(**{**STAGE_PARAMS, **changes}), StageContext(BaseParams(seed=1), "cpu", LOG, root=root))
+
+
+def curve(root: Path, name: str = "loss") -> list[str]:
+    return (root / "dvclive/pretrain/color_dropping/plots/metrics/train" / f"{name}.tsv").read_text().splitlines()
+
+
+def test_a_killed_pretrain_leaves_its_curves_to_its_last_logged_step_and_a_rerun_continues_them(data, tmp_path):
+    """Curves are written in place as the run goes (what `dvc plots show` reads); the child SIGKILLs itself
+    right after logging step 3 (its last checkpoint is step 2)."""
+    run_stage(tmp_path / "ref", data)
+    root = tmp_path / "killed"
+    run_stage(root, data, lr=2e-3)  # an earlier, finished run: its curves are replaced from the new run's first row
+    script = (
+        "import os, signal, sys; from pathlib import Path; import torch\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
+        f"sys.path[:0] = [{str(Path(__file__).parent)!r}]\n"
+        "from ctxrepro.pretext import engine\n"
+        "from test_states import run_stage\n"
+        "def hook(row, fraction):\n"
+        "    if row['step'] == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "engine.collapsed = hook\n"
+        f"run_stage(Path({str(root)!r}), Path({str(data)!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert curve(root) == curve(tmp_path / "ref")[:4]  # header and steps 1..3 of this run
+    assert [r.split("\t")[0] for r in curve(root, "accuracy")] == ["step", "1", "2", "3"]
+    run_stage(root, data)  # resumes at step 2: the history's rows first, then steps 3..6
+    assert curve(root) == curve(tmp_path / "ref") and len(curve(root)) == 7
+
+
+def test_states_command_lists_compares_and_removes(data, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ctxrepro.cli import app
+
+    run(data, tmp_path / "run", make_cfg(steps=2))
+    (tmp_path / "models" / "pretrain_state").mkdir(parents=True)
+    (tmp_path / "run" / "state").rename(tmp_path / "models" / "pretrain_state" / "color_dropping")
+    [folder] = (tmp_path / "models" / "pretrain_state" / "color_dropping").iterdir()
+    params = Path(__file__).parents[1] / "params.yaml"  # the tiny profile: other shapes than these tests'
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    listed = runner.invoke(app, ["states", "--params", str(params)])
+    assert listed.exit_code == 0, listed.output
+    line = listed.output.splitlines()[0]
+    assert line.startswith(f"pretrain/color_dropping {folder.name}  step 2  ") and "differs: " in line
+    assert "patch: 24 -> " in line and "1 kept state, " in listed.output
+    rows = json.loads(runner.invoke(app, ["states", "--json", "--params", str(params)]).output)
+    assert [r["config_hash"] for r in rows] == [folder.name]
+    refused = runner.invoke(app, ["states", "--remove", "0000000"])
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1 and "no kept state is '0000000'" in refused.output
+    removed = runner.invoke(app, ["states", "--remove", folder.name])
+    assert removed.exit_code == 0 and not folder.exists() and list_states(tmp_path) == []

@@ -111,5 +111,6 @@ def format_states(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['stage']}/{r['instance']} {r['config_hash']}  {r['position']} {r['step']}  "
                      f"{r['bytes'] / 1e6:.1f} MB  {r['path']}  ({status}{aside})")
     total = sum(r["bytes"] for r in rows)
-    lines.append(f"{len(rows)} kept states, {total / 1e6:.1f} MB; remove one with `ctxrepro states --remove HASH`")
+    lines.append(f"{len(rows)} kept state{'' if len(rows) == 1 else 's'}, {total / 1e6:.1f} MB; remove one with "
+                 f"`ctxrepro states --remove HASH`")
     return "\n".join(lines)
