@@ -261,11 +261,16 @@ def load_verified(path: Path, position: str, log: logging.Logger,
     return None
 
 
-def write_state(state: dict[str, Any], path: Path) -> None:
-    """Atomically write a checked-finite state to `path`, keeping the one it replaces as `prev.pt` (a hard
-    link, so `path` is never absent), and its config and position in `last.json` (for `ctxrepro states`)."""
+def write_state(state: dict[str, Any], path: Path, final: bool = False) -> None:
+    """Atomically write a checked-finite state to `path` (NonFiniteState otherwise), keeping the one it replaces
+    as `prev.pt` (a hard link, so `path` is never absent), and its config and position in `last.json` (for
+    `ctxrepro states`). A `final` state (the end of the run's budget) drops `prev.pt`: the run is done, and a
+    finished state costs its size once, not twice."""
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise NonFiniteState(f"{bad} holds NaN or inf: not saved to {path}, which keeps its last good state")
     previous = prev_path(path)
-    if path.is_file():
+    if path.is_file() and not final:
         link = path.with_name(f"{temp_prefix(previous.name)}link.tmp")
         try:
             os.link(path, link)
@@ -274,8 +279,10 @@ def write_state(state: dict[str, Any], path: Path) -> None:
             with contextlib.suppress(OSError):
                 link.unlink()
             os.replace(path, previous)
-    atomic_torch_save({**state, "format": STATE_FORMAT}, path)
+    atomic_write(path, lambda f: torch.save({**state, "format": STATE_FORMAT}, f))
     write_info(state, path)
+    if final:
+        previous.unlink(missing_ok=True)
 
 
 def write_info(state: dict[str, Any], path: Path) -> None:
@@ -293,10 +300,10 @@ def restore_state(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch
     restore_rng(ckpt["rng"])
 
 
-def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, where: str,
-               **extra: Any) -> None:
+def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, where: str, *,
+               final: bool = False, **extra: Any) -> None:
     """Atomically checkpoint a verified-finite model and optimizer, every global RNG state and `extra` (keeping
-    the state it replaces as prev.pt, `write_state`)."""
+    the state it replaces as prev.pt until the `final` one, `write_state`)."""
     assert_finite_state(model, optimizer, where)
     write_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": capture_rng(), **extra},
-                path)
+                path, final)

@@ -84,10 +84,15 @@ def _poison(path: Path) -> None:
     torch.save(state, path)
 
 
-def test_inf_in_last_pt_is_set_aside_and_the_run_resumes_from_prev(data, reference, tmp_path, caplog):
-    run(data, tmp_path, make_cfg(steps=4))  # last.pt at step 4, prev.pt at step 2
+def test_inf_in_last_pt_is_set_aside_and_the_run_resumes_from_prev(data, reference, tmp_path, caplog, monkeypatch):
+    from ctxrepro.pretext import engine
+
+    with monkeypatch.context() as m:  # a run stopped after step 5: last.pt at step 4, prev.pt at step 2
+        m.setattr(engine, "collapsed", lambda row, fraction: "stopped by the test" if row["step"] == 5 else None)
+        with pytest.raises(engine.TrainingError, match="stopped by the test"):
+            run(data, tmp_path, make_cfg())
     last = only_state(tmp_path, make_cfg())
-    assert load_checkpoint(last.with_name("prev.pt"))["step"] == 2
+    assert load_checkpoint(last)["step"] == 4 and load_checkpoint(last.with_name("prev.pt"))["step"] == 2
     _poison(last)
     with caplog.at_level(logging.INFO):
         metrics = run(data, tmp_path, make_cfg())
@@ -98,6 +103,7 @@ def test_inf_in_last_pt_is_set_aside_and_the_run_resumes_from_prev(data, referen
     assert len(list(last.parent.glob("last.pt.nonfinite-*"))) == 1
     assert_same_state(only_state(reference[0], make_cfg()), last)  # resumed at 2, ends where the reference did
     assert metrics["train_loss"] == reference[1]["train_loss"]
+    assert not last.with_name("prev.pt").exists()  # the final state is kept once
 
 
 @pytest.mark.parametrize("content", [b"", os.urandom(4096)], ids=["zero-bytes", "random-bytes"])
@@ -196,13 +202,15 @@ def test_unreadable_detect_states_are_one_line_and_the_run_goes_on(detect_images
     assert re.fullmatch(rf"state {re.escape(str(state / 'last.pt'))} unreadable, .*: set aside as "
                         r"last\.pt\.unreadable-\S+; starting afresh", line)
     [last] = state.glob("*/last.pt")
-    last.write_bytes(content)  # prev.pt (iteration 3) is good
+    assert not last.with_name("prev.pt").exists()  # the run reached its budget: its final state is kept once
+    last.write_bytes(content)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        _, history = detect_run(detect_images, state, make_solver())
+        detect_run(detect_images, state, make_solver())
     [line] = [r.getMessage() for r in caplog.records]
-    assert line.endswith("; resuming from prev.pt") and "weights_only=False" not in line
-    assert_same_checkpoint(reference, last)
+    assert re.fullmatch(rf"state {re.escape(str(last))} unreadable, .*: set aside as last\.pt\.unreadable-\S+; "
+                        r"starting afresh", line) and "weights_only=False" not in line
+    assert_same_checkpoint(reference, last)  # a fresh run: the reference's end
 
 
 STAGE_PARAMS = dict(tower="small", patch=24, gap=12, jitter=2, input_size=16, grids_per_image=2, max_patches=40,

@@ -153,5 +153,6 @@ def train(model: FastRCNN, entries: Sequence[Entry], sampling: SamplingConfig, s
         if (run.iteration % solver.log_every == 0 or last) and run.window:
             _flush(run, solver, log)
         if state is not None and (run.iteration % solver.checkpoint_every == 0 or last):
-            save_state(state, model, opt, f"detect iteration {run.iteration}", config=record, **asdict(run))
+            save_state(state, model, opt, f"detect iteration {run.iteration}", final=last, config=record,
+                       **asdict(run))
     return run.history

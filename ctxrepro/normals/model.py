@@ -285,7 +285,8 @@ def train_normals(net: NormalsNet, data: TrainSet, codebook: np.ndarray, s: Trai
             run.window = []
             log.info("normals step %d/%d: loss %.4f (%.1fs)", step, s.steps, run.losses[-1], elapsed)
         if state is not None and (step % s.checkpoint_every == 0 or step == s.steps):
-            save_state(state, net, opt, f"normals step {step}", config=record, **{**run.saved(), "seconds": elapsed})
+            save_state(state, net, opt, f"normals step {step}", final=step == s.steps, config=record,
+                       **{**run.saved(), "seconds": elapsed})
     # the seconds of the last checkpoint: a rerun that resumes at the end reports the same
     return {"train_loss": run.losses[-1] if run.losses else math.nan, "train_seconds": round(elapsed, 2),
             "steps": s.steps}

@@ -281,7 +281,7 @@ def _save(run: _Run, cfg: TrainConfig, path: Path, seconds: float, info: D.DistI
         "scaler": run.scaler.state_dict() if run.scaler is not None else None, "rng": rngs,
         "step": run.step, "seconds": seconds, "pairs": run.pairs, "history": run.history,
         "sampler": {"next_step": run.step, "seed": cfg.seed}, "config": _record(cfg, info),
-    }, path)
+    }, path, final=run.step >= cfg.steps)
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, device: str, info: D.DistInfo) -> nn.Module:
