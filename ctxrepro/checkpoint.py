@@ -211,7 +211,7 @@ def check_state(path: Path, position: str, accept: Callable[[dict[str, Any]], st
         raise BadState("unreadable", f"unreadable, {unreadable_reason(path, e)}") from None
     if not isinstance(ckpt, dict):
         raise BadState("format", f"holds a {type(ckpt).__name__}, not a state dict")
-    missing = sorted({"model", "optimizer", "config", position} - set(ckpt))
+    missing = sorted({"model", "config", position} - set(ckpt))
     if missing:
         raise BadState("format", f"lacks {', '.join(missing)}")
     if ckpt.get("format", STATE_FORMAT) != STATE_FORMAT:

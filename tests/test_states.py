@@ -284,3 +284,13 @@ def test_states_command_lists_compares_and_removes(data, tmp_path, monkeypatch):
     assert refused.exit_code == 2 and refused.output.count("\n") == 1 and "no kept state is '0000000'" in refused.output
     removed = runner.invoke(app, ["states", "--remove", folder.name])
     assert removed.exit_code == 0 and not folder.exists() and list_states(tmp_path) == []
+
+
+def test_a_pretrain_state_past_the_step_budget_is_an_error_that_keeps_it(data, tmp_path):
+    run(data, tmp_path, make_cfg(steps=2))
+    state = only_state(tmp_path, make_cfg())
+    kept = state.read_bytes()
+    with pytest.raises(CheckpointMismatch, match=rf"state {re.escape(str(state))} is at step 2, beyond this run's 1: "
+                                                 r"raise the budget to resume it, or remove it with `ctxrepro states"):
+        run(data, tmp_path, make_cfg(steps=1))
+    assert state.read_bytes() == kept

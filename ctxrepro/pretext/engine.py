@@ -244,16 +244,18 @@ def _record(cfg: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
 
 
 def _resume(run: _Run, cfg: TrainConfig, state: Path, info: D.DistInfo, log: logging.Logger) -> Path:
-    """Restore the run from its checked state, if any (rank 0 checks first and sets a bad state aside, then the
-    other ranks load what it left); the path the run checkpoints to."""
-    found = find_state(state, _record(cfg, info), "step", log) if info.is_main else None
-    D.barrier()
-    path, ckpt = found or find_state(state, _record(cfg, info), "step", log, announce=False)
+    """Restore the run from its checked state, if any; the path the run checkpoints to."""
+    record = _record(cfg, info)
+    try:  # rank 0 first: it sets a bad state aside, the others load what it left (all raise past the budget)
+        found = find_state(state, record, "step", log, budget=cfg.steps) if info.is_main else None
+    finally:
+        D.barrier()
+    path, ckpt = found or find_state(state, record, "step", log, announce=False, budget=cfg.steps)
     if ckpt is None:
         log.info("no checkpoint at %s: starting at step 0", path)
         return path
     try:
-        check_config(ckpt["config"], _record(cfg, info), path)
+        check_config(ckpt["config"], record, path)
     except CheckpointMismatch as e:  # a single-file state of another config: overwritten by this run
         log.warning("%s: starting afresh at step 0", e)
         return path
@@ -276,12 +278,11 @@ def _save(run: _Run, cfg: TrainConfig, path: Path, seconds: float, info: D.DistI
     rngs = D.gather_objects(capture_rng())  # every rank's RNG state, in rank order
     if not info.is_main:
         return
-    write_state({
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler is not None else None, "rng": rngs,
-        "step": run.step, "seconds": seconds, "pairs": run.pairs, "history": run.history,
-        "sampler": {"next_step": run.step, "seed": cfg.seed}, "config": _record(cfg, info),
-    }, path, final=run.step >= cfg.steps)
+    write_state({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "scaler": run.scaler.state_dict() if run.scaler is not None else None, "rng": rngs,
+                 "step": run.step, "seconds": seconds, "pairs": run.pairs, "history": run.history,
+                 "sampler": {"next_step": run.step, "seed": cfg.seed}, "config": _record(cfg, info)},
+                path, final=run.step >= cfg.steps)
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, device: str, info: D.DistInfo) -> nn.Module:

@@ -107,13 +107,14 @@ def state_path(folder: Path, record: dict[str, Any], log: logging.Logger, positi
 
 
 def find_state(state: Path, record: dict[str, Any], position: str, log: logging.Logger,
-               resumable_keys: frozenset[str] = RESUMABLE_KEYS, announce: bool = True
+               resumable_keys: frozenset[str] = RESUMABLE_KEYS, announce: bool = True, budget: int | None = None
                ) -> tuple[Path, dict[str, Any] | None]:
     """Where a run with `record` checkpoints, and the checked state there (None: none, or all bad).
 
     `state` is the instance's folder: the run's state is `<state>/<config hash>/last.pt`, else the `prev.pt`
     beside it when the last is bad (`checkpoint.load_verified`); every other configuration's state is left
-    alone. A `state` naming a `.pt` file is that single file, whatever config it holds.
+    alone. A state beyond `budget` is an error naming it (CheckpointMismatch), never a silent restart. A
+    `state` naming a `.pt` file is that single file, whatever config it holds (the caller compares configs).
     """
     state = Path(state)
     if state.suffix == ".pt":
@@ -124,7 +125,12 @@ def find_state(state: Path, record: dict[str, Any], position: str, log: logging.
         found = config_hash(ckpt["config"], resumable_keys)
         return None if found == path.parent.name else f"has a config hashing to {found}, not its folder's"
 
-    return path, load_verified(path, position, log, belongs)
+    ckpt = load_verified(path, position, log, belongs)
+    if ckpt is not None and budget is not None and ckpt[position] > budget:
+        raise CheckpointMismatch(f"state {path} is at {position} {ckpt[position]}, beyond this run's {budget}: "
+                                 f"raise the budget to resume it, or remove it with "
+                                 f"`ctxrepro states --remove {path.parent.name}`")
+    return path, ckpt
 
 
 def resume_state(state: Path, record: dict[str, Any], position: str, budget: int, log: logging.Logger,
@@ -132,20 +138,15 @@ def resume_state(state: Path, record: dict[str, Any], position: str, budget: int
     """Where this run checkpoints, and the checked state it resumes (None: it starts at 0).
 
     `state` is the instance's folder (`find_state`): a changed param never touches another configuration's
-    state, and a state beyond this run's `budget` is an error naming it (CheckpointMismatch), never a silent
-    restart. A `state` naming a `.pt` file keeps the single-file rules of `checkpoint.resumable` (another
-    config starts afresh and overwrites it).
+    state, and a state beyond this run's `budget` is an error naming it. A `state` naming a `.pt` file keeps
+    the single-file rules of `checkpoint.resumable` (another config starts afresh and overwrites it).
     """
     state = Path(state)
     if state.suffix == ".pt":
         return state, resumable(state, record, position, budget, log)
-    path, ckpt = find_state(state, record, position, log, resumable_keys)
+    path, ckpt = find_state(state, record, position, log, resumable_keys, budget=budget)
     if ckpt is None:
         log.info("no state for this configuration: starting at %s 0, checkpointing to %s", position, path)
         return path, None
-    if ckpt[position] > budget:
-        raise CheckpointMismatch(f"state {path} is at {position} {ckpt[position]}, beyond this run's {budget}: "
-                                 f"raise the budget to resume it, or remove it with "
-                                 f"`ctxrepro states --remove {path.parent.name}`")
     log.info("resuming state %s at %s %d", path, position, ckpt[position])
     return path, ckpt
