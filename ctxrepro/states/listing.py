@@ -106,7 +106,7 @@ def format_states(rows: list[dict[str, Any]]) -> str:
         if r["differs"] is None:
             status = "not compared"
         else:
-            status = "current params" if not r["differs"] else "differs: " + "; ".join(r["differs"])
+            status = "same params as now" if not r["differs"] else "differs: " + "; ".join(r["differs"])
         aside = f"; set aside: {', '.join(r['set_aside'])}" if r["set_aside"] else ""
         lines.append(f"{r['stage']}/{r['instance']} {r['config_hash']}  {r['position']} {r['step']}  "
                      f"{r['bytes'] / 1e6:.1f} MB  {r['path']}  ({status}{aside})")
