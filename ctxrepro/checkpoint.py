@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from ctxrepro.io import atomic_write, temp_prefix
+from ctxrepro.io import atomic_write, remove_stale_temps, temp_prefix
 
 # Config keys that may change between a checkpoint and its resume: they set the budget, the logging
 # and the speed of a run, not its trajectory (compile and channels_last change kernels, not the maths;
@@ -270,6 +270,8 @@ def write_state(state: dict[str, Any], path: Path, final: bool = False) -> None:
     if bad is not None:
         raise NonFiniteState(f"{bad} holds NaN or inf: not saved to {path}, which keeps its last good state")
     previous = prev_path(path)
+    for name in (path.name, previous.name):  # temp files a killed writer left (a VGG-16 state is 1.1 GB)
+        remove_stale_temps(path.parent, name)
     if path.is_file() and not final:
         link = path.with_name(f"{temp_prefix(previous.name)}link.tmp")
         try:

@@ -294,3 +294,18 @@ def test_a_pretrain_state_past_the_step_budget_is_an_error_that_keeps_it(data, t
                                                  r"raise the budget to resume it, or remove it with `ctxrepro states"):
         run(data, tmp_path, make_cfg(steps=1))
     assert state.read_bytes() == kept
+
+
+def test_a_killed_writers_temp_files_go_at_the_next_checkpoint(tmp_path):
+    from ctxrepro.checkpoint import save_state
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    path = tmp_path / "abc" / "last.pt"
+    path.parent.mkdir()
+    left = [path.with_name(f".last.pt.{dead}.x1y2.tmp"), path.with_name(f".prev.pt.{dead}.link.tmp")]
+    for f in left:
+        f.write_bytes(b"torn")
+    model = torch.nn.Linear(2, 1)
+    save_state(path, model, torch.optim.SGD(model.parameters(), lr=0.1), "here", config={}, step=1)
+    assert sorted(f.name for f in path.parent.iterdir()) == ["last.json", "last.pt"]

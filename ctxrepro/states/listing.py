@@ -40,7 +40,7 @@ def list_states(root: Path, current: Mapping[str, dict] | None = None) -> list[d
     stage, instance, path, config_hash, position ("step" or "iteration"), step, bytes (the folder's files,
     set-aside ones included), mtime (of last.pt, else prev.pt), set_aside (names of files set aside as bad) and
     differs: the params keys in which it differs from `current["<stage>/<instance>"]` (or `current["<stage>"]`),
-    as "key: kept -> now" ([] = the current params' state; None = no current record given)."""
+    as "key: kept -> now" ([] = the same params; None = no current record given)."""
     rows = []
     for stage_dir in sorted((Path(root) / MODELS).glob("*_state")):
         stage = stage_dir.name[:-len("_state")]
