@@ -309,3 +309,18 @@ def test_a_killed_writers_temp_files_go_at_the_next_checkpoint(tmp_path):
     model = torch.nn.Linear(2, 1)
     save_state(path, model, torch.optim.SGD(model.parameters(), lr=0.1), "here", config={}, step=1)
     assert sorted(f.name for f in path.parent.iterdir()) == ["last.json", "last.pt"]
+
+
+def test_a_state_under_an_older_hash_of_the_same_maths_is_renamed_and_resumed(tmp_path):
+    """If the set of keys that do not change the maths grows, a kept state's folder name is re-derived."""
+    from ctxrepro.checkpoint import save_state
+
+    log = logging.getLogger("test_states")
+    record = {"lr": 0.1, "iterations": 5, "decode": "worker"}
+    old = tmp_path / config_hash(record, frozenset({"iterations"}))  # decode was a maths key then
+    model = torch.nn.Linear(2, 1)
+    save_state(old / "last.pt", model, torch.optim.SGD(model.parameters(), lr=0.1), "here", config=record,
+               iteration=3)
+    path, ckpt = resume_state(tmp_path, {**record, "decode": "device"}, "iteration", 5, log)
+    assert path.parent.name == config_hash(record) != old.name and not old.exists()
+    assert ckpt["iteration"] == 3

@@ -100,9 +100,16 @@ def state_path(folder: Path, record: dict[str, Any], log: logging.Logger, positi
         if kept == path.parent:
             continue
         info = read_info(kept / LAST) or {}
-        diffs = differences(info.get("config") or {}, record, resumable_keys) or ["(its last.json is missing)"]
+        if not isinstance(info.get("config"), dict):
+            log.info("kept state %s is not resumed: its last.json is missing", kept)
+            continue
+        diffs = differences(info["config"], record, resumable_keys)
+        if not diffs and not path.parent.exists():  # the same maths under an older hash (other resumable keys)
+            os.replace(kept, path.parent)
+            log.info("kept state %s renamed %s: its config hashes so now", kept, path.parent.name)
+            continue
         log.info("kept state %s (%s %s) is not resumed: it differs in %s", kept, info.get("position"), info.get("at"),
-                 "; ".join(diffs))
+                 "; ".join(diffs) or "no maths key (an older copy of this configuration)")
     return path
 
 
