@@ -202,7 +202,7 @@ class BadState(ValueError):
 def check_state(path: Path, position: str, accept: Callable[[dict[str, Any]], str | None] | None = None
                 ) -> dict[str, Any]:
     """The state at `path` after every check a resume relies on: it unpickles as plain tensors (weights_only),
-    holds the format's keys with a config and a non-negative integer `position`, and every floating-point
+    holds a config mapping and a non-negative integer `position` (its format's keys), and every floating-point
     tensor in it (weights, optimizer moments, buffers) is finite; `accept(state)`, when given, returns what else
     is wrong with it (its config) or None. Raises BadState saying what is wrong."""
     try:
@@ -211,7 +211,7 @@ def check_state(path: Path, position: str, accept: Callable[[dict[str, Any]], st
         raise BadState("unreadable", f"unreadable, {unreadable_reason(path, e)}") from None
     if not isinstance(ckpt, dict):
         raise BadState("format", f"holds a {type(ckpt).__name__}, not a state dict")
-    missing = sorted({"model", "config", position} - set(ckpt))
+    missing = sorted({"config", position} - set(ckpt))
     if missing:
         raise BadState("format", f"lacks {', '.join(missing)}")
     if ckpt.get("format", STATE_FORMAT) != STATE_FORMAT:

@@ -324,3 +324,22 @@ def test_a_state_under_an_older_hash_of_the_same_maths_is_renamed_and_resumed(tm
     path, ckpt = resume_state(tmp_path, {**record, "decode": "device"}, "iteration", 5, log)
     assert path.parent.name == config_hash(record) != old.name and not old.exists()
     assert ckpt["iteration"] == 3
+
+
+@pytest.mark.parametrize("bad, why, said", [
+    ({"config": {}, "iteration": -1}, "format", "has no config mapping or a bad iteration -1"),
+    ({"config": {}}, "format", "lacks iteration"),
+    ({"config": {}, "iteration": 1, "format": 99}, "format", "has format 99, this code reads 1"),
+    ([1, 2], "format", "holds a list, not a state dict"),
+    ({"config": {}, "iteration": 1, "optimizer": {"state": {0: {"m": torch.tensor([float("nan")])}}}},
+     "nonfinite", "optimizer.state.0.m holds NaN or inf"),
+])
+def test_check_state_names_what_is_wrong(tmp_path, caplog, bad, why, said):
+    from ctxrepro.checkpoint import load_verified
+
+    path = tmp_path / "last.pt"
+    torch.save(bad, path)
+    with caplog.at_level(logging.WARNING):
+        assert load_verified(path, "iteration", logging.getLogger("test_states")) is None
+    [aside] = tmp_path.glob(f"last.pt.{why}-*")
+    assert caplog.records[0].getMessage() == f"state {path} {said}: set aside as {aside.name}; starting afresh"
