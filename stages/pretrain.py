@@ -13,7 +13,7 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from ctxrepro.checkpoint import CheckpointMismatch
 from ctxrepro.config import BaseParams, ParamsError, param, parse_dataclass, to_plain
-from ctxrepro.io import atomic_write_json
+from ctxrepro.io import atomic_write_json, remove_stale_temps
 from ctxrepro.pretext import distributed as D
 from ctxrepro.pretext.color import COLOR_MODES, PatchAugment
 from ctxrepro.pretext.data import BatchSpec, ImageTable, load_kinds, load_table, usable
@@ -138,6 +138,7 @@ def live_logger(live_dir: Path) -> Iterator[Callable[[dict], None]]:
     """
     from dvclive import Live
 
+    remove_stale_temps(live_dir.parent, live_dir.name)  # what earlier code's killed runs left beside it
     live = None
 
     def on_log(row: dict) -> None:
