@@ -166,6 +166,28 @@ def check_cmd(params: Path = PARAMS_OPT,
     raise typer.Exit(report.code)
 
 
+@app.command("states")
+def states_cmd(remove: Optional[str] = typer.Option(None, "--remove", help="delete the kept state with this config "
+                                                    "hash (or folder); nothing else ever deletes one"),
+               params: Path = PARAMS_OPT,
+               as_json: bool = typer.Option(False, "--json", help="print the list as JSON")) -> None:
+    """List the kept resume states (one per stage instance and configuration) and how each differs from the params."""
+    import json
+
+    from ctxrepro.states.listing import current_records, format_states, list_states, remove_state
+
+    if remove is not None:
+        try:
+            removed = remove_state(Path.cwd(), remove)
+        except (OSError, ValueError) as e:
+            _fail(str(e), 2)
+        typer.echo("\n".join(f"removed {p}" for p in removed))
+        return
+    current, notes = current_records(params)
+    rows = list_states(Path.cwd(), current)
+    typer.echo(json.dumps(rows, indent=2) if as_json else "\n".join([format_states(rows), *notes]))
+
+
 def main() -> None:
     app()
 

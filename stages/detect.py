@@ -12,7 +12,7 @@ import torch
 
 from ctxrepro import viz
 from ctxrepro.checkpoint import atomic_torch_save
-from ctxrepro.config import param
+from ctxrepro.config import BaseParams, param
 from ctxrepro.data.voc import SPLITS, VOC_CLASSES
 from ctxrepro.detection import table
 from ctxrepro.detection.infer import TestConfig, detect_all, write_results
@@ -33,7 +33,7 @@ PROPOSALS = Path("data/proposals/voc2007")
 PROPOSALS_INDEX = "index.json"
 RESULTS = Path("results/detect")
 MODELS = Path("models/detect")
-STATE = Path("models/detect_state")  # <row>/last.pt: resume state, a `persist: true` out
+STATE = Path("models/detect_state")  # <row>/<config hash>/last.pt: resume states, a `persist: true` out
 METRICS = Path("metrics/detect")
 PLOTS = Path("plots/detect")
 DETECT_SEED = 70  # derive_seed purpose; the same for every row, so only the initialisation differs
@@ -97,6 +97,13 @@ class Params:
         return TestConfig(self.scale, self.max_size, self.score_thresh, self.nms, self.max_per_class, self.roi_chunk)
 
 
+def state_records(p: Params, base: BaseParams) -> dict[str, dict]:
+    """The params part of every row's resume-state record (`ctxrepro states`; the weights and roidb digests
+    are not compared there)."""
+    return {"detect": {**asdict(p.solver()), **asdict(p.sampling()), "seed": derive_seed(base.seed, DETECT_SEED, 0),
+                       "dropout": p.dropout}}
+
+
 def _inputs(p: Params, root: Path, device: str) -> tuple[Converted, list, list]:
     proposals = root / PROPOSALS
     if not (proposals / PROPOSALS_INDEX).is_file():
@@ -151,7 +158,7 @@ def run(params: Params, ctx: StageContext) -> None:
     model.to(ctx.device)
     try:
         history = train(model, train_db, p.sampling(), p.solver(), derive_seed(ctx.base.seed, DETECT_SEED, 0),
-                        ctx.device, log, root / STATE / p.row / "last.pt")
+                        ctx.device, log, root / STATE / p.row)
     except (OSError, ValueError, FloatingPointError) as e:
         raise StageError(f"detect ({p.row}): {e}") from e
     trained = time.monotonic()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ctxrepro.config import param
+from ctxrepro.config import BaseParams, param
 from ctxrepro.data.nyu import SHAPE_HW
 from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
 from ctxrepro.metrics.normals import NormalsEvalError
@@ -27,7 +27,7 @@ NYU_DIR = Path("data/raw/nyuv2")
 TRUNKS = Path("models/convert")
 PREDICTIONS = Path("data/normals")
 SCRATCH = Path("data/normals/.inputs")  # <init>/: the run's input-size images, removed when it ends
-STATE = Path("models/normals_state")  # <init>/last.pt: resume state, a `persist: true` out
+STATE = Path("models/normals_state")  # <init>/<config hash>/last.pt: resume states, a `persist: true` out
 METRICS = Path("metrics/normals")
 PLOTS = Path("plots/normals")
 
@@ -75,6 +75,12 @@ class Params:
                              self.weight_decay, self.flip, seed, self.log_every, self.checkpoint_every)
 
 
+def state_records(p: Params, base: BaseParams) -> dict[str, dict]:
+    """The params part of every init's resume-state record (`ctxrepro states`; the weights and data digests
+    are not compared there)."""
+    return {"normals": asdict(p.settings(base.seed))}
+
+
 def _codebook(p: Params, gt_name: str, nyu_dir: Path, sample: np.ndarray, seed: int, log) -> tuple[np.ndarray, str]:
     """vocab40.mat (FAIR benchmark) or spherical k-means of the sampled training normals; (codebook, name)."""
     vocab = vocab_path(nyu_dir)
@@ -105,7 +111,7 @@ def _fine_tune(p: Params, ctx: StageContext, nyu, train_idx, gt, gt_name: str, n
     ctx.log.info("targets: %.1f%% of training grid cells have ground truth", 100.0 * data.valid.mean())
     net = build_net(trunk, channels, p.head_channels, len(book), ctx.base.seed)
     stats = train_normals(net, data, book, p.settings(ctx.base.seed), ctx.device, ctx.log,
-                          ctx.root / STATE / p.init / "last.pt")
+                          ctx.root / STATE / p.init)
     return net, book, grid, {**stats, "codebook": book_name, "grid": (h, w)}
 
 

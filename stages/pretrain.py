@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterator
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from ctxrepro.checkpoint import CheckpointMismatch
-from ctxrepro.config import ParamsError, param, parse_dataclass, to_plain
-from ctxrepro.io import atomic_dir, atomic_write_json
+from ctxrepro.config import BaseParams, ParamsError, param, parse_dataclass, to_plain
+from ctxrepro.io import atomic_write_json, remove_stale_temps
 from ctxrepro.pretext import distributed as D
 from ctxrepro.pretext.color import COLOR_MODES, PatchAugment
 from ctxrepro.pretext.data import BatchSpec, ImageTable, load_kinds, load_table, usable
@@ -24,7 +24,7 @@ from ctxrepro.stage import StageContext, StageError
 MANIFEST = Path("data/resized/manifest.csv")
 WORLD_INDEX = Path("data/raw/world_index.json")
 # One of each per variant (dvc.yaml's foreach over pretrain.variants): <dir>/<variant>.pt, .json, /
-STATE = Path("models/pretrain_state")  # <variant>/last.pt
+STATE = Path("models/pretrain_state")  # <variant>/<config hash>/last.pt (ctxrepro.states.folders)
 EXPORT = Path("models/pretrain")  # <variant>.pt
 METRICS = Path("metrics/pretrain")  # <variant>.json
 LIVE_DIR = Path("dvclive/pretrain")  # <variant>/
@@ -104,6 +104,13 @@ def train_config(p: Params, seed: int) -> TrainConfig:
         decode=p.decode)
 
 
+def state_records(p: Params, base: BaseParams) -> dict[str, dict[str, Any]]:
+    """`pretrain/<variant>` -> the record its resume state is kept under (`ctxrepro states`; the world size is
+    `nproc`, as without torchrun)."""
+    return {f"pretrain/{name}": {**train_config(resolve_variant(p, name), base.seed).record(),
+                                 "world_size": p.nproc} for name in p.variants}
+
+
 def load_tables(root: Path, spec: BatchSpec, log: logging.Logger) -> tuple[ImageTable, ImageTable]:
     """Train and val images large enough for a grid; the world index, when present, gives their kinds."""
     index = root / WORLD_INDEX
@@ -122,25 +129,30 @@ def load_tables(root: Path, spec: BatchSpec, log: logging.Logger) -> tuple[Image
 
 @contextlib.contextmanager
 def live_logger(live_dir: Path) -> Iterator[Callable[[dict], None]]:
-    """A dvclive logger whose folder replaces `live_dir` only when the block succeeds.
+    """A dvclive logger writing straight into `live_dir`, so `dvc plots show` follows the run as it goes.
 
-    dvclive's Live() clears its folder at start, so logging straight into `live_dir` would delete the
-    last good curves when a run then fails (a NaN loss, a bad param); a resumed run replays its
-    checkpoint's history, so the new folder still holds every row.
+    dvclive's Live() clears its folder when it starts, so it starts at the run's first row: a run that
+    fails before it logs anything (a bad param, a non-finite first loss) leaves the last run's curves as
+    they were. A resumed run first replays its checkpoint's history, so the curves continue, not restart.
+    A killed run leaves its curves up to its last logged step.
     """
     from dvclive import Live
 
-    with atomic_dir(live_dir) as tmp:
-        live = Live(str(tmp), dvcyaml=False, save_dvc_exp=False)
+    remove_stale_temps(live_dir.parent, live_dir.name)  # what earlier code's killed runs left beside it
+    live = None
 
-        def on_log(row: dict) -> None:
-            live.step = row["step"]
-            for key, value in row.items():  # loss, accuracy, pairs/s and the collapse monitor's live_*, wnorm_*
-                if key != "step":
-                    live.log_metric(f"train/{key}", value)
-            live.next_step()
+    def on_log(row: dict) -> None:
+        nonlocal live
+        if live is None:
+            live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
+        live.step = row["step"]
+        for key, value in row.items():  # loss, accuracy, pairs/s and the collapse monitor's live_*, wnorm_*
+            if key != "step":
+                live.log_metric(f"train/{key}", value)
+        live.next_step()
 
-        yield on_log
+    yield on_log
+    if live is not None:
         live.end()
 
 
@@ -158,7 +170,7 @@ def _train_process(p: Params, seed: int, device: str, root: Path) -> None:
         raise StageError(str(e)) from e
     device = D.init(info, device)
     try:
-        paths = TrainPaths(root / STATE / p.variant / "last.pt", root / EXPORT / f"{p.variant}.pt")
+        paths = TrainPaths(root / STATE / p.variant, root / EXPORT / f"{p.variant}.pt")
         with live_logger(root / LIVE_DIR / p.variant) if info.is_main else contextlib.nullcontext() as on_log:
             metrics = train(cfg, train_table.shard(info.rank, info.world), heldout, paths, device, info, log, on_log)
         if metrics is not None:

@@ -165,11 +165,17 @@ def test_pretrain_stage_with_two_spawned_ranks(tmp_path, monkeypatch, caplog):
     pretrain.run(params, StageContext(BaseParams(seed=0), "cpu", log, root=tmp_path))
     metrics = json.loads((tmp_path / "metrics" / "pretrain" / "color_dropping.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
-    state = torch.load(tmp_path / "models" / "pretrain_state" / "color_dropping" / "last.pt", weights_only=True)
+    folder = tmp_path / "models" / "pretrain_state" / "color_dropping"
+    [two] = folder.glob("*/last.pt")
+    state = torch.load(two, weights_only=True)
     assert len(state["rng"]) == 2 and state["config"]["world_size"] == 2
-    # The shards depend on the world size: one process does not resume the 2-rank state, it starts afresh.
-    with caplog.at_level(logging.WARNING):
+    # The shards depend on the world size: one process does not resume the 2-rank state, it starts afresh in
+    # its own configuration's folder and leaves the 2-rank state as it was.
+    kept = two.read_bytes()
+    with caplog.at_level(logging.INFO):
         pretrain.run(replace(params, nproc=1, steps=4), StageContext(BaseParams(seed=0), "cpu", log, root=tmp_path))
-    assert "world_size: checkpoint 2 != now 1" in caplog.text and "starting afresh at step 0" in caplog.text
-    state = torch.load(tmp_path / "models" / "pretrain_state" / "color_dropping" / "last.pt", weights_only=True)
+    assert "differs in world_size: 2 -> 1" in caplog.text and "starting at step 0" in caplog.text
+    [one] = set(folder.glob("*/last.pt")) - {two}
+    state = torch.load(one, weights_only=True)
     assert len(state["rng"]) == 1 and state["config"]["world_size"] == 1 and state["step"] == 4
+    assert two.read_bytes() == kept

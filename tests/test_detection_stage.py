@@ -145,7 +145,8 @@ def test_detect_stage_hand_checkable_outputs(world):
     assert "| Scratch-Ours | paper | 65.9 | 50.6 |" in table
     saved = torch.load(world / "models/detect/color_dropping-scratch.pt", weights_only=True)
     assert saved["init"] == "scratch" and "fc8.weight" in saved["model"] and "bbox_pred.weight" not in saved["model"]
-    state = torch.load(world / "models/detect_state/color_dropping-scratch/last.pt", weights_only=True)
+    [path] = (world / "models/detect_state/color_dropping-scratch").glob("*/last.pt")  # its config's folder
+    state = torch.load(path, weights_only=True)
     assert state["iteration"] == 3 and state["config"]["iterations"] == 3  # the resume state
     first = {f.name: f.read_bytes() for f in files}
     detect.run(_detect_params(), _ctx(world))  # same seed, same outputs (resumed at its end: no training)

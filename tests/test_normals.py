@@ -380,7 +380,8 @@ def test_stage_end_to_end_on_a_tiny_world(tmp_path):
     table = (tmp_path / "plots/normals/scratch/table2.md").read_text()
     assert "| scratch (this run) | " in table and "codebook `vocab` (40)" in table
     assert (tmp_path / "plots/normals/scratch/examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert load_checkpoint(tmp_path / "models/normals_state/scratch/last.pt")["step"] == 3  # the resume state
+    [path] = (tmp_path / "models/normals_state/scratch").glob("*/last.pt")  # the resume state, in its config's folder
+    assert load_checkpoint(path)["step"] == 3
     assert not (tmp_path / "data/normals/.inputs").exists() or not any((tmp_path / "data/normals/.inputs").iterdir())
 
     # without the FAIR pickle: ground truth from depth, codebook from k-means on training normals

@@ -22,11 +22,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ctxrepro.checkpoint import digest, restore_state, resumable, save_state
+from ctxrepro.checkpoint import digest, restore_state, save_state
 from ctxrepro.detection.loader import Batch, IterationBatches, make_loader
 from ctxrepro.detection.model import FastRCNN, multitask_loss
 from ctxrepro.detection.roidb import Entry
 from ctxrepro.detection.sampling import SamplingConfig
+from ctxrepro.states.folders import resume_state
 
 
 @dataclass(frozen=True)
@@ -125,15 +126,18 @@ def _flush(run: _Run, solver: SolverConfig, log: logging.Logger) -> None:
 
 def train(model: FastRCNN, entries: Sequence[Entry], sampling: SamplingConfig, solver: SolverConfig, seed: int,
           device: str | torch.device, log: logging.Logger, state: Path | None = None) -> list[dict]:
-    """Fine-tune `model` in place, resuming from and checkpointing to `state` (None: neither); returns the loss
-    history, one row per `log_every` iterations (mean over them)."""
+    """Fine-tune `model` in place, resuming from and checkpointing to `state` (None: neither; a folder keeps one
+    state per configuration, `states.folders.resume_state`); returns the loss history, one row per `log_every`
+    iterations (mean over them)."""
     if not entries:
         raise ValueError("train: no training images")
     torch.manual_seed(seed)  # dropout draws from the global generator
     opt = build_optimizer(model, solver)
     run = _Run()
     record = run_record(model, entries, sampling, solver, seed)
-    ckpt = resumable(state, record, "iteration", solver.iterations, log) if state is not None else None
+    ckpt = None
+    if state is not None:
+        state, ckpt = resume_state(state, record, "iteration", solver.iterations, log)
     if ckpt is not None:
         restore_state(ckpt, model, opt)
         run = _Run(ckpt["iteration"], ckpt["history"], ckpt["window"])
@@ -149,5 +153,6 @@ def train(model: FastRCNN, entries: Sequence[Entry], sampling: SamplingConfig, s
         if (run.iteration % solver.log_every == 0 or last) and run.window:
             _flush(run, solver, log)
         if state is not None and (run.iteration % solver.checkpoint_every == 0 or last):
-            save_state(state, model, opt, f"detect iteration {run.iteration}", config=record, **asdict(run))
+            save_state(state, model, opt, f"detect iteration {run.iteration}", final=last, config=record,
+                       **asdict(run))
     return run.history

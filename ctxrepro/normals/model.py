@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctxrepro.checkpoint import digest, restore_state, resumable, save_state
+from ctxrepro.checkpoint import digest, restore_state, save_state
 from ctxrepro.normals.grid import CellGrid, interpolation_matrix
 from ctxrepro.pretext.model import xavier_init_
 from ctxrepro.seeds import derive_seed
+from ctxrepro.states.folders import resume_state
 
 IGNORE = -1  # target code of a cell without ground truth
 HEAD_SEED, BATCH_SEED, KMEANS_SEED = 81, 82, 83  # seed purposes (derive_seed keys), shared by all inits
@@ -242,20 +243,23 @@ def _record(net: NormalsNet, data: TrainSet, codebook: np.ndarray, s: TrainSetti
 
 
 def _start(net: NormalsNet, opt: torch.optim.Optimizer, record: dict, s: TrainSettings, state: Path | None,
-           log: logging.Logger) -> _Run:
-    """A fresh run, or the one checkpointed at `state` when its record matches."""
+           log: logging.Logger) -> tuple[_Run, Path | None]:
+    """A fresh run, or the one checkpointed in `state` when its record matches; and where it checkpoints."""
     run = _Run(torch.Generator().manual_seed(derive_seed(s.seed, BATCH_SEED)))
-    ckpt = resumable(state, record, "step", s.steps, log) if state is not None else None
+    ckpt = None
+    if state is not None:
+        state, ckpt = resume_state(state, record, "step", s.steps, log)
     if ckpt is not None:
         restore_state(ckpt, net, opt)
         run.batches.set_state(ckpt["batches"])
         run.step, run.seconds, run.window, run.losses = ckpt["step"], ckpt["seconds"], ckpt["window"], ckpt["losses"]
-    return run
+    return run, state
 
 
 def train_normals(net: NormalsNet, data: TrainSet, codebook: np.ndarray, s: TrainSettings, device: str,
                   log: logging.Logger, state: Path | None = None) -> dict[str, float]:
-    """Fine-tune the whole net (trunk and head), resuming from and checkpointing to `state` (None: neither);
+    """Fine-tune the whole net (trunk and head), resuming from and checkpointing to `state` (None: neither; a
+    folder keeps one state per configuration, `states.folders.resume_state`);
     returns the last logged mean loss, the training time over all resumes and the steps.
 
     Batches are drawn with replacement from a generator seeded by (seed, BATCH_SEED), independent of the
@@ -267,7 +271,7 @@ def train_normals(net: NormalsNet, data: TrainSet, codebook: np.ndarray, s: Trai
     book = torch.as_tensor(codebook, dtype=torch.float32, device=device)
     opt = _optimizer(net, s)
     record = _record(net, data, codebook, s) if state is not None else {}  # before a resume loads weights
-    run = _start(net, opt, record, s, state, log)
+    run, state = _start(net, opt, record, s, state, log)
     start, elapsed = time.monotonic(), run.seconds
     for step in range(run.step + 1, s.steps + 1):
         idx = torch.randint(len(data.images), (s.batch,), generator=run.batches)
@@ -281,7 +285,8 @@ def train_normals(net: NormalsNet, data: TrainSet, codebook: np.ndarray, s: Trai
             run.window = []
             log.info("normals step %d/%d: loss %.4f (%.1fs)", step, s.steps, run.losses[-1], elapsed)
         if state is not None and (step % s.checkpoint_every == 0 or step == s.steps):
-            save_state(state, net, opt, f"normals step {step}", config=record, **{**run.saved(), "seconds": elapsed})
+            save_state(state, net, opt, f"normals step {step}", final=step == s.steps, config=record,
+                       **{**run.saved(), "seconds": elapsed})
     # the seconds of the last checkpoint: a rerun that resumes at the end reports the same
     return {"train_loss": run.losses[-1] if run.losses else math.nan, "train_seconds": round(elapsed, 2),
             "steps": s.steps}

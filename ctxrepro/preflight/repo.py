@@ -124,10 +124,11 @@ def same_device(a: Path, b: Path) -> bool:
 
 
 def kept_states(root: Path) -> list[tuple[str, int]]:
-    """(folder, bytes) of every kept resume state: models/<stage>_state/<instance>[/<config>]."""
+    """(folder, bytes) of every kept resume state, one per stage instance and configuration, as `ctxrepro
+    states` lists them (models/<stage>_state/<instance>/<config hash>/)."""
+    from ctxrepro.states.listing import list_states
+
     found = []
-    for parent in sorted((root / "models").glob("*_state")):
-        for folder in sorted(p for p in parent.iterdir() if p.is_dir()):
-            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            found.append((str(folder.relative_to(root)), size))
+    for row in list_states(root):
+        found.append((os.path.relpath(row["path"], root), int(row["bytes"])))
     return found

@@ -195,3 +195,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing on one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -10,9 +10,9 @@ cross-entropy summed (released code) or averaged over pairs. The optimiser is th
 (lr 1e-5, momentum 0; section 3's momentum 0.999 would need lr ~1e-8 on the summed loss); Adam is an
 option for tiny runs. `pretext.monitor` watches for the collapse a too-large step causes.
 
-The loop (`train`) resumes from its checkpoint, checks every loss for finiteness before a checkpoint
-can be written, stops on a step budget or a time budget, evaluates held-out pretext accuracy and
-exports the weights.
+The loop (`train`) resumes from its checked state (kept per configuration, `states.folders`), checks
+every loss for finiteness before a checkpoint can be written, stops on a step budget or a time budget,
+evaluates held-out pretext accuracy and exports the weights.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctxrepro.checkpoint import (CheckpointMismatch, atomic_torch_save, capture_rng, check_config, first_nonfinite,
-                                 load_checkpoint, restore_rng)
+from ctxrepro.checkpoint import (CheckpointMismatch, capture_rng, check_config, first_nonfinite, restore_rng,
+                                 write_state)
 from ctxrepro.pretext import distributed as D
 from ctxrepro.pretext.color import PatchAugment, preprocess
 from ctxrepro.pretext.export import export_weights
@@ -37,6 +37,7 @@ from ctxrepro.pretext.data import (AUGMENT, HELDOUT, INIT, BatchSpec, ImageTable
 from ctxrepro.pretext.model import build_model
 from ctxrepro.pretext.monitor import Monitor, collapsed, summary
 from ctxrepro.seeds import derive_seed, generator
+from ctxrepro.states.folders import find_state
 
 CHANCE = 1.0 / 8.0
 
@@ -93,7 +94,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainPaths:
-    state: Path  # the resumable checkpoint (a DVC `persist: true` path)
+    state: Path  # resume states: a `persist: true` folder, one per config (`states.folders`), or one .pt file
     export: Path  # final weights + the config to rebuild the model (the stage's DVC out)
 
 
@@ -242,18 +243,22 @@ def _record(cfg: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
     return {**cfg.record(), "world_size": info.world}
 
 
-def _resume(run: _Run, cfg: TrainConfig, path: Path, info: D.DistInfo, log: logging.Logger) -> None:
-    ckpt = load_checkpoint(path)
+def _resume(run: _Run, cfg: TrainConfig, state: Path, info: D.DistInfo, log: logging.Logger) -> Path:
+    """Restore the run from its checked state, if any; the path the run checkpoints to."""
+    record = _record(cfg, info)
+    try:  # rank 0 first: it sets a bad state aside, the others load what it left (all raise past the budget)
+        found = find_state(state, record, "step", log, budget=cfg.steps) if info.is_main else None
+    finally:
+        D.barrier()
+    path, ckpt = found or find_state(state, record, "step", log, announce=False, budget=cfg.steps)
     if ckpt is None:
         log.info("no checkpoint at %s: starting at step 0", path)
-        return
+        return path
     try:
-        check_config(ckpt["config"], _record(cfg, info), path)
-    except CheckpointMismatch as e:
-        # Under `dvc repro` a changed param must mean a new run, not a failure: the persisted state of the old
-        # run is ignored and overwritten at the first checkpoint of this one.
+        check_config(ckpt["config"], record, path)
+    except CheckpointMismatch as e:  # a single-file state of another config: overwritten by this run
         log.warning("%s: starting afresh at step 0", e)
-        return
+        return path
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     if run.scaler is not None:
@@ -261,6 +266,7 @@ def _resume(run: _Run, cfg: TrainConfig, path: Path, info: D.DistInfo, log: logg
     restore_rng(ckpt["rng"][info.rank])
     run.step, run.seconds, run.pairs, run.history = ckpt["step"], ckpt["seconds"], ckpt["pairs"], ckpt["history"]
     log.info("resumed from %s at step %d (%.0f s trained)", path, run.step, run.seconds)
+    return path
 
 
 def _save(run: _Run, cfg: TrainConfig, path: Path, seconds: float, info: D.DistInfo) -> None:
@@ -272,12 +278,11 @@ def _save(run: _Run, cfg: TrainConfig, path: Path, seconds: float, info: D.DistI
     rngs = D.gather_objects(capture_rng())  # every rank's RNG state, in rank order
     if not info.is_main:
         return
-    atomic_torch_save({
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler is not None else None, "rng": rngs,
-        "step": run.step, "seconds": seconds, "pairs": run.pairs, "history": run.history,
-        "sampler": {"next_step": run.step, "seed": cfg.seed}, "config": _record(cfg, info),
-    }, path)
+    write_state({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "scaler": run.scaler.state_dict() if run.scaler is not None else None, "rng": rngs,
+                 "step": run.step, "seconds": seconds, "pairs": run.pairs, "history": run.history,
+                 "sampler": {"next_step": run.step, "seed": cfg.seed}, "config": _record(cfg, info)},
+                path, final=run.step >= cfg.steps)
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, device: str, info: D.DistInfo) -> nn.Module:
@@ -307,7 +312,7 @@ def _flush(run: _Run, window: list[Tensor], pairs: list[int], seconds: float, de
     return row
 
 
-def _loop(run: _Run, cfg: TrainConfig, table: ImageTable, paths: TrainPaths, device: str, info: D.DistInfo,
+def _loop(run: _Run, cfg: TrainConfig, table: ImageTable, state: Path, device: str, info: D.DistInfo,
           log: logging.Logger, on_log: Callable[[dict], None] | None) -> None:
     """Steps run.step..cfg.steps-1, or until the time budget ends; checkpoints only verified states."""
     step_model = _wrap(run.model, cfg, device, info)
@@ -346,7 +351,7 @@ def _loop(run: _Run, cfg: TrainConfig, table: ImageTable, paths: TrainPaths, dev
             if dead is not None:
                 raise TrainingError(f"collapse at step {run.step}: {dead}; stopping, the last good checkpoint is kept")
         if save:
-            _save(run, cfg, paths.state, elapsed, info)
+            _save(run, cfg, state, elapsed, info)
         if done:
             break
     run.seconds = elapsed  # as saved in the final checkpoint, so a resumed run reports the same rate
@@ -376,12 +381,12 @@ def train(cfg: TrainConfig, table: ImageTable, heldout: ImageTable, paths: Train
     """
     configure_backend(device, log)
     run = _build(cfg, device, info.world)
-    _resume(run, cfg, paths.state, info, log)
+    state = _resume(run, cfg, paths.state, info, log)
     if on_log is not None and info.is_main:
         for row in run.history:
             on_log(row)
     if run.step < cfg.steps and not (cfg.max_seconds > 0 and run.seconds >= cfg.max_seconds):
-        _loop(run, cfg, table, paths, device, info, log, on_log)
+        _loop(run, cfg, table, state, device, info, log, on_log)
     if not info.is_main:
         return None
     last = run.history[-1]  # never empty: the loop logs its last step, a resumed run its checkpoint's rows
