@@ -216,6 +216,10 @@ def _fetch_result(root: Path) -> tuple[dict, dict]:
     metrics = json.loads((root / "metrics" / "fetch.json").read_text())
     seconds = metrics.pop("seconds")
     assert seconds >= 0
+    # the code's commit: the host's git sees the checkout's HEAD; the image may have no git (then null)
+    provenance = metrics.pop("provenance")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert provenance["commit"] in (head, None) and provenance["code_clean"] in (provenance["commit"] == head, None)
     outs = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["fetch"]["outs"]
     raw = [(out["md5"], out["nfiles"]) for out in outs if out["path"] == "data/raw"]
     assert len(raw) == 1 and raw[0][1] > 0
