@@ -58,6 +58,17 @@ def stage_help(name: str) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+def stage_shards(name: str) -> bool:
+    """Whether a stage splits its work with --shard i/n: its module sets `SHARDS = True` (read without importing)."""
+    spec = importlib.util.find_spec(f"stages.{name}")
+    if spec is None or spec.origin is None:
+        return False
+    for node in ast.parse(Path(spec.origin).read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SHARDS" for t in node.targets):
+            return isinstance(node.value, ast.Constant) and node.value.value is True
+    return False
+
+
 def _git(root: Path, *args: str) -> str | None:
     """A git command's stdout in root; None without git or outside a checkout (a container, a tarball)."""
     try:
@@ -160,6 +171,10 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1")
     module = importlib.import_module(f"stages.{name}")
     base, params = load_params(params_path, name, module.Params, sets)
     shard_t = parse_shard(shard)
+    if shard_t != (0, 1) and not stage_shards(name):
+        sharded = [s for s in available_stages() if stage_shards(s)]
+        raise ParamsError(f"--shard {shard}: stage {name} does not split its work (only {', '.join(sharded)} does); "
+                          "run it without --shard")
     if base.runtime == "docker":
         # Before resolve_device: a CPU-only host must still be able to hand a cuda run to the container.
         run_stage_in_container(Path.cwd(), name, params_path, list(sets), shard,

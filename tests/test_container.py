@@ -268,7 +268,7 @@ def test_base_runtime_docker_reruns_the_stage_in_the_container(image, checkout, 
     runs = [line for line in log.read_text().splitlines() if line.startswith("container run")]
     assert len(runs) == 1 and image in runs[0]
     assert runs[0].endswith("ctxrepro stage fetch --params params.yaml --set base.runtime=docker --set "
-                            "base.device=cpu --shard 0/1 --set base.runtime=local")
+                            "base.device=cpu --set base.runtime=local")
     assert "stage fetch, commit" in result.stderr + result.stdout, "the stage's own log, from the container"
     metrics = json.loads((checkout / "metrics" / "fetch.json").read_text())
     assert metrics["datasets"]["imagenet"]["images"] == 895, "the tiny world's 895 ImageNet images"
