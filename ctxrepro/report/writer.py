@@ -2,8 +2,8 @@
 
 The `report` stage (last in dvc.yaml) and `ctxrepro report` both call `write_report`. It reads the stages'
 metrics files (never re-typed numbers), the code commit each of them recorded (`ctxrepro.stage`), and the
-params profile (`ctxrepro.profiles.current_profile`); draws the DVC plots as PNGs under plots/report (`ctxrepro.report.plots`,
-since `dvc plots show` needs a CDN); links the stages' montage figures; and renders `dvc metrics diff
+params profile (`ctxrepro.profiles.current_profile`); draws the DVC plots as PNGs under plots/report
+(`ctxrepro.report.plots`, since `dvc plots show` needs a CDN); links the stages' montage figures; and renders `dvc metrics diff
 <against> --json` as a "what changed" table. Tables: `ctxrepro.report.tables`; paper values:
 `ctxrepro.report.paper_numbers`.
 """
