@@ -79,7 +79,9 @@ def _check_detect(repo: Path, params: dict, world: dict, row: str, spec: dict) -
 
     trained = torch.load(repo / f"models/detect/{row}.pt", map_location="cpu", weights_only=False)["model"]
     init = torch.load(repo / f"models/convert/{row}.pt", map_location="cpu", weights_only=False)
-    start = [v for k, v in {**init["trunk"], **(init["head"] or {})}.items() if k.endswith("fc8.weight")]
+    # Figure 6 rows keep fc8 in "head" (seq.fc8), CaffeNet rows in "net" (fc.fc8)
+    start = [v for part in ("trunk", "head", "net") for k, v in (init.get(part) or {}).items()
+             if k.endswith("fc8.weight")]
     assert len(start) == 1 and trained["fc8.weight"].shape == start[0].shape == (21, trained["fc8.weight"].shape[1])
     assert not torch.equal(trained["fc8.weight"], start[0]), f"{row}: fine-tuning left fc8 where convert put it"
 
