@@ -107,9 +107,10 @@ def test_smoke_profile_runs_every_stage_at_the_papers_shapes(tmp_path):
     """What a run at the paper's shapes must get right, scored on the world's classes only: every stage instance
     ran, the data have the rendered counts, the networks have the paper's shapes, every Table 1 row covered
     every test image and class, losses are finite at every logged step and fine-tuning moved the weights, and
-    each metrics file names the clone's commit with clean code. Mutations caught (by reading the code paths):
-    a detector that never steps (fc8 unchanged), an AP for a class without positives other than 0, normals
-    predicted at the trunk's grid instead of 480x640 (shape), a stage that skips its provenance stamp."""
+    each metrics file names the clone's commit with clean code. Mutation caught, checked by hand on a tiny-world
+    detect run scored over the 20 classes (the helpers below on its outputs): a detector that never steps
+    (`opt.step()` removed: fc8 stays where convert put it). Caught by construction: an AP other than 0 for a
+    class without positives, normals predicted at the trunk's grid instead of 480x640, a missing provenance."""
     repo = clone_tree(ROOT, tmp_path)
     shutil.rmtree(repo / "metrics")  # the committed tiny run's: every file checked below must be written anew
     run_in(["ctxrepro", "profile", "smoke"], repo)
