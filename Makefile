@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test test-fast smoke test-container bench lock clean
+.PHONY: install repro test test-fast smoke test-container print-container-vars bench lock clean
 
 install: $(STAMP)
 
@@ -34,9 +34,11 @@ smoke: install
 # (.ci/container-setup; apt, as root). PYTHON_PREFIX: a CPython >= 3.11.4 built on bookworm (Debian's is
 # 3.11.2); WHEEL_DIRS: folders of local wheels the build uses before the index; CA_BUNDLE: the certificates
 # pip trusts in the build (a TLS-intercepting network).
+# Both are derived from this machine unless given: PYTHON_PREFIX is $(PYTHON)'s sys.base_prefix unless that
+# is Debian's own /usr (too old: the build then says so), WHEEL_DIRS the CI machines' wheel folders that exist.
 BASE_IMAGE := localhost/ctxrepro-base:bookworm
-PYTHON_PREFIX ?=
-WHEEL_DIRS ?=
+PYTHON_PREFIX ?= $(shell $(PYTHON) -c 'import sys; p = sys.base_prefix; print("" if p == "/usr" else p)' 2>/dev/null)
+WHEEL_DIRS ?= $(wildcard /opt/pypi/files /opt/pypi-more/files)
 CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 CONTAINER_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" CTXREPRO_DOCKER=podman \
 	CONTAINERS_CONF="$(CURDIR)/.cache/containers.conf" CTXREPRO_BASE_IMAGE=$(BASE_IMAGE) \
@@ -47,6 +49,11 @@ test-container: install
 	BASE_IMAGE=$(BASE_IMAGE) CTXREPRO_WHEEL_DIRS="$(WHEEL_DIRS)" .ci/container-setup
 	$(CONTAINER_ENV) $(BIN)/ctxrepro docker build
 	$(CONTAINER_ENV) CTXREPRO_CONTAINER_TESTS=required $(BIN)/python -m pytest -q -m container
+
+# What test-container will use, one NAME=value a line (tests/test_makefile.py checks the derivation).
+print-container-vars:
+	@echo PYTHON_PREFIX=$(PYTHON_PREFIX)
+	@echo WHEEL_DIRS=$(WHEEL_DIRS)
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock: install

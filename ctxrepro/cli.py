@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from ctxrepro.config import BaseParams, ParamsError
+from ctxrepro.config import BaseParams, ParamsError, load_params, to_plain
 from ctxrepro.container import DockerError, docker_app
 from ctxrepro.io import error_line
 from ctxrepro.metrics.normals import normals_command
@@ -22,7 +22,8 @@ from ctxrepro.metrics.purity import purity_command
 from ctxrepro.metrics.voc import voc_command
 from ctxrepro.preflight.check import PreflightError, stage_check
 from ctxrepro.report.writer import report_command
-from ctxrepro.stage import StageError, available_stages, check_params, resolve_params, run_stage, stage_help
+from ctxrepro.stage import (StageError, available_stages, check_params, resolve_params, run_stage, stage_help,
+                            stage_shards)
 
 app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a DVC pipeline.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -67,7 +68,7 @@ app.command("report")(_one_line_errors(report_command))
 
 PARAMS_OPT = typer.Option(Path("params.yaml"), "--params", help="params file to read")
 SET_OPT = typer.Option(None, "--set", help="override section.key=value (YAML value), repeatable, like dvc exp run -S")
-SHARD_OPT = typer.Option("0/1", "--shard", help="run shard i of n (stages that support sharding)")
+SHARD_OPT = typer.Option("0/1", "--shard", help="run shard i of n: split the work across machines")
 
 
 def _setup_logging() -> None:
@@ -80,15 +81,24 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _run(name: str, params: Path, sets: list[str], shard: str) -> None:
+    _setup_logging()
+    try:
+        run_stage(name, params, sets, shard, preflight=stage_check)
+    except (ParamsError, PreflightError) as e:
+        _fail(str(e), 2)
+    except (StageError, DockerError) as e:
+        _fail(str(e), 1)
+
+
 def _make_stage_command(name: str):
-    def command(params: Path = PARAMS_OPT, set_: Optional[List[str]] = SET_OPT, shard: str = SHARD_OPT) -> None:
-        _setup_logging()
-        try:
-            run_stage(name, params, list(set_ or []), shard, preflight=stage_check)
-        except (ParamsError, PreflightError) as e:
-            _fail(str(e), 2)
-        except (StageError, DockerError) as e:
-            _fail(str(e), 1)
+    """The stage's command; only a stage that splits its work (`SHARDS = True` in its module) takes --shard."""
+    if stage_shards(name):
+        def command(params: Path = PARAMS_OPT, set_: Optional[List[str]] = SET_OPT, shard: str = SHARD_OPT) -> None:
+            _run(name, params, list(set_ or []), shard)
+    else:
+        def command(params: Path = PARAMS_OPT, set_: Optional[List[str]] = SET_OPT) -> None:
+            _run(name, params, list(set_ or []), "0/1")
 
     command.__name__ = f"stage_{name}"
     return command
@@ -106,31 +116,57 @@ def _params_class(stage: str) -> type:
     return importlib.import_module(f"stages.{stage}").Params
 
 
-def _describe(cls: type, prefix: str) -> list[str]:
+def _active(stage: str, cls: type, path: Path) -> dict | None:
+    """The section as the params file sets it, parsed and checked like a stage does; None without the file."""
+    if not path.is_file():
+        return None
+    try:
+        base, params = load_params(path, stage, cls)
+    except ParamsError as e:
+        _fail(str(e), 2)
+    return to_plain(base if stage == "base" else params)
+
+
+def _rule(f: dataclasses.Field) -> str:
+    rule = []
+    if f.metadata.get("choices") is not None:
+        rule.append("one of " + "|".join(map(str, f.metadata["choices"])))
+    if f.metadata.get("min") is not None:
+        rule.append(f">= {f.metadata['min']}")
+    if f.metadata.get("max") is not None:
+        rule.append(f"<= {f.metadata['max']}")
+    return "; " + ", ".join(rule) if rule else ""
+
+
+def _describe(cls: type, prefix: str, active: dict | None, source: str) -> list[str]:
+    """One row per key: type, default and rule, then the params file's value (`*` where it differs)."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            rows += _describe(type(default), f"{prefix}{f.name}.")
+            rows += _describe(type(default), f"{prefix}{f.name}.", None if active is None else active[f.name], source)
             continue
-        rule = []
-        if f.metadata.get("choices") is not None:
-            rule.append("one of " + "|".join(map(str, f.metadata["choices"])))
-        if f.metadata.get("min") is not None:
-            rule.append(f">= {f.metadata['min']}")
-        if f.metadata.get("max") is not None:
-            rule.append(f"<= {f.metadata['max']}")
         tname = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
-        rows.append(f"{prefix}{f.name} ({tname}; default {default!r}{'; ' + ', '.join(rule) if rule else ''})"
+        value = ""
+        if active is not None:
+            mark = "" if active[f.name] == to_plain(default) else " *"
+            value = f"  {source}: {active[f.name]!r}{mark}"
+        rows.append(f"{prefix}{f.name} ({tname}; default {to_plain(default)!r}{_rule(f)}){value}"
                     f"  {f.metadata.get('help', '')}")
     return rows
 
 
 @app.command("params")
-def params_cmd(stage: str = typer.Argument(..., help="stage name, or 'base'")) -> None:
-    """List a params section's keys with types, defaults and allowed values."""
-    typer.echo("\n".join(_describe(_params_class(stage), f"{stage}.")))
+def params_cmd(stage: str = typer.Argument(..., help="stage name, or 'base'"),
+               params: Path = typer.Option(Path("params.yaml"), "--params", help="params file whose values to show")
+               ) -> None:
+    """List a params section's keys with types, defaults, allowed values and the params file's values."""
+    cls = _params_class(stage)
+    active = _active(stage, cls, params)
+    head = (f"# {params}: no such file; the code's defaults only" if active is None else
+            f"# {stage}: the code's defaults and {params}'s values (* where they differ)")
+    typer.echo("\n".join([head, *_describe(cls, f"{stage}.", active, str(params))]))
 
 
 @app.command("profile")

@@ -1,6 +1,6 @@
 """Params: `params.yaml` sections parsed once, at the edge, into typed frozen dataclasses.
 
-Every section of params.yaml is named like its DVC stage (STYLE.md rule 1). Fields are declared with
+Every section of params.yaml is named like its DVC stage. Fields are declared with
 `param(...)`, which records the allowed range or choices; parsing refuses unknown keys, wrong types and
 out-of-range values with a message that names the section, key, value and what is allowed.
 

@@ -268,9 +268,11 @@ def repro(root: Path | str, stages: Sequence[str] = (), *, force: bool = False, 
 
 
 def stage_argv(stage: str, params: str, sets: Sequence[str], shard: str) -> list[str]:
-    """The `ctxrepro stage` command line the container runs; RUNTIME_OVERRIDE comes last so it wins."""
+    """The `ctxrepro stage` command line the container runs; RUNTIME_OVERRIDE comes last so it wins. --shard
+    only when given: the stages that do not shard have no such option."""
     set_args = [arg for item in sets for arg in ("--set", item)]
-    return ["ctxrepro", "stage", stage, "--params", params, *set_args, "--shard", shard, "--set", RUNTIME_OVERRIDE]
+    shard_args = ["--shard", shard] if shard != "0/1" else []
+    return ["ctxrepro", "stage", stage, "--params", params, *set_args, *shard_args, "--set", RUNTIME_OVERRIDE]
 
 
 def container_relpath(root: Path | str, path: Path | str) -> str:

@@ -1,4 +1,4 @@
-"""Atomic file output: a stage's outputs are complete or absent (STYLE.md rule 6).
+"""Atomic file output: a stage's outputs are complete or absent.
 
 Temporary files and folders carry their owner's process id (`.<name>.<pid>.<random>.tmp`), so a later
 run can remove what a killed one left (`remove_stale_temps`) without touching a live run's work. A failed

@@ -1,6 +1,6 @@
 """Seeds for every random stream: derived from integer keys (base seed, purpose, rank, step), never from hash().
 
-One rule for the whole pipeline (STYLE.md, "Determinism is explicit"): a stage asks for `generator(seed, PURPOSE,
+One rule for the whole pipeline (determinism is explicit): a stage asks for `generator(seed, PURPOSE,
 ...)` with its own purpose constant, so streams never overlap and a rerun draws the same numbers.
 """
 

@@ -1,4 +1,5 @@
-"""Running one DVC stage: parse its params section, log provenance, call its `run(params, ctx)`.
+"""Running one DVC stage: parse its params section, log provenance, call its `run(params, ctx)`, then record in
+its metrics files which commit its code came from and whether that code was clean.
 
 A stage module is `stages/<name>.py` with a docstring (its one-line help), a frozen `Params` dataclass and
 `run(params, ctx)`. This module is the only place that connects params.yaml to stage code.
@@ -9,10 +10,13 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
 import logging
 import platform
+import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +26,7 @@ import yaml
 from ctxrepro.config import (BaseParams, ParamsError, apply_overrides, load_params, load_yaml, parse_dataclass,
                              resolve_device, to_plain)
 from ctxrepro.container import run_stage_in_container
+from ctxrepro.io import atomic_write_json
 
 # Pipeline order; one name everywhere: dvc.yaml stage, params section, CLI command, metrics file, module.
 STAGE_ORDER = ("fetch", "resize", "pretrain", "convert", "proposals", "detect", "normals", "mine", "pretext_eval", "nn",
@@ -55,16 +60,91 @@ def stage_help(name: str) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-def git_commit(root: Path) -> str:
-    """HEAD's sha, with '-dirty' when tracked files differ; 'unknown' outside a git checkout."""
+def stage_shards(name: str) -> bool:
+    """Whether a stage splits its work with --shard i/n: its module sets `SHARDS = True` (read without importing)."""
+    spec = importlib.util.find_spec(f"stages.{name}")
+    if spec is None or spec.origin is None:
+        return False
+    for node in ast.parse(Path(spec.origin).read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SHARDS" for t in node.targets):
+            return isinstance(node.value, ast.Constant) and node.value.value is True
+    return False
+
+
+def _git(root: Path, *args: str) -> str | None:
+    """A git command's stdout in root; None without git or outside a checkout (a container, a tarball)."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return None
+
+
+def git_commit(root: Path) -> str | None:
+    """HEAD's sha; None outside a git checkout."""
+    out = _git(root, "rev-parse", "HEAD")
+    return (out or "").strip() or None
+
+
+def stage_spec(root: Path, name: str) -> dict:
+    """The stage's entry in root's dvc.yaml (a foreach stage's `do` template); {} where there is none."""
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    spec = stages.get(name)
+    return (spec.get("do", spec) if isinstance(spec, dict) else None) or {}
+
+
+def spec_paths(entries: list | None) -> list[str]:
+    """The paths of a dvc.yaml deps/outs/metrics list (an entry is a path or {path: options})."""
+    return [str(next(iter(e))) if isinstance(e, dict) else str(e) for e in entries or ()]
+
+
+def code_provenance(root: Path, deps: list[str]) -> dict:
+    """The commit the stage's code comes from, and whether its code deps are clean there.
+
+    The code deps are the dvc.yaml deps that git tracks (data deps are DVC's, ignored by git). `code_clean` is
+    false when one of them has uncommitted changes or an untracked file inside it; `changed` names them. Without
+    git every field is null: a metrics file then says it cannot tell.
+    """
+    unknown = {"commit": None, "code_clean": None, "changed": None}
+    commit = git_commit(root)
+    fixed = [d for d in deps if "${" not in d]  # foreach templates name other stages' outputs
+    tracked = _git(root, "ls-files", "-z", "--", *fixed) if commit and fixed else ""
+    if commit is None or tracked is None:
+        return unknown
+    files = [f for f in tracked.split("\0") if f]
+    code = [d for d in fixed if any(f == d.rstrip("/") or f.startswith(d.rstrip("/") + "/") for f in files)]
+    status = _git(root, "status", "--porcelain", "--", *code) if code else ""
+    if status is None:
+        return unknown
+    changed = sorted(line[3:] for line in status.splitlines() if line[3:])
+    return {"commit": commit, "code_clean": not changed, "changed": changed}
+
+
+def stamp_metrics(root: Path, spec: dict, since: float, record: dict) -> list[Path]:
+    """Add `provenance: record` to each of the stage's metrics files (dvc.yaml `metrics`; a foreach item's
+    `${...}` matches any) written at or after `since`: the files this run wrote, each rewritten atomically."""
+    stamped = []
+    for pattern in spec_paths(spec.get("metrics")):
+        for path in sorted(root.glob(re.sub(r"\$\{[^}]*\}", "*", pattern))):
+            if not path.is_file() or path.stat().st_mtime < since:
+                continue
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, ValueError):
+                continue
+            if isinstance(data, dict):
+                atomic_write_json(path, {**data, "provenance": record})
+                stamped.append(path)
+    return stamped
+
+
+def describe_code(record: dict) -> str:
+    if record["commit"] is None:
+        return "commit unknown (no git here)"
+    state = "clean" if record["code_clean"] else f"uncommitted changes in {', '.join(record['changed'])}"
+    return f"commit {record['commit']}, code deps {state}"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -109,6 +189,10 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1",
     module = importlib.import_module(f"stages.{name}")
     base, params = load_params(params_path, name, module.Params, sets)
     shard_t = parse_shard(shard)
+    if shard_t != (0, 1) and not stage_shards(name):
+        sharded = [s for s in available_stages() if stage_shards(s)]
+        raise ParamsError(f"--shard {shard}: stage {name} does not split its work (only {', '.join(sharded)} does); "
+                          "run it without --shard")
     if base.runtime == "docker":
         # Before resolve_device: a CPU-only host must still be able to hand a cuda run to the container.
         run_stage_in_container(Path.cwd(), name, params_path, list(sets), shard,
@@ -125,13 +209,18 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1",
         torch.set_num_threads(base.threads)
     log = logging.getLogger(f"ctxrepro.stage.{name}")
     root = Path.cwd()
-    log.info("stage %s, commit %s, python %s", name, git_commit(root), sys.version.split()[0])
+    spec = stage_spec(root, name)
+    record = code_provenance(root, spec_paths(spec.get("deps")))
+    log.info("stage %s, %s, python %s", name, describe_code(record), sys.version.split()[0])
     log.info("device: %s", describe_device(device))
     resolved = {"base": to_plain(base), name: to_plain(params)}
     log.info("resolved params:\n%s", yaml.safe_dump(resolved, sort_keys=False).rstrip())
     if shard_t != (0, 1):
         log.info("shard %d of %d", *shard_t)
+    # A second's margin: file times come from a coarser clock than time.time().
+    started = time.time() - 1.0
     module.run(params, StageContext(base=base, device=device, log=log, shard=shard_t, root=root))
+    stamp_metrics(root, spec, started, record)
 
 
 def resolve_params(params_path: Path) -> dict:

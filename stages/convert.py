@@ -68,7 +68,7 @@ class Params:
     whiten_eps: float = param(1e-3, min=0.0, help="whitening regulariser, relative to the mean eigenvalue")
     calib_crops: int = param(64, min=1, help="crops in the gradient-ratio calibration batch")
     calib_draws: int = param(4, min=1, help="Gaussian top gradients averaged per ratio measurement")
-    calib_iters: int = param(10, min=0, help="rescalings at most (METHOD.md: 10)")
+    calib_iters: int = param(10, min=0, help="rescalings at most (docs/METHOD.md: 10)")
     calib_tol: float = param(0.01, min=0.0, help="stop when all ratios are within this of their geometric mean (1%)")
     batch: int = param(64, min=1, help="crops per forward pass")
     imagenet_weights: str = param("", help="ImageNet-supervised weights for the imagenet and imagenet_rescale inits: "

@@ -1,4 +1,4 @@
-"""Selective search proposals for VOC 2007, once for every detect run (section 4.3 via Fast R-CNN; DATA.md)."""
+"""Selective search proposals for VOC 2007, once for every detect run (section 4.3 via Fast R-CNN; docs/DATA.md)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from ctxrepro.stage import StageContext, StageError
 RAW = Path("data/raw")
 OUT = Path("data/resized")
 METRICS = Path("metrics/resize.json")
+SHARDS = True  # `ctxrepro stage resize --shard i/n`: the only stage that splits its work across machines
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from ctxrepro.cli import app
 from ctxrepro.profiles import PROFILES, current_profile
-from ctxrepro.stage import STAGE_ORDER, available_stages, stage_help
+from ctxrepro.config import ParamsError
+from ctxrepro.stage import STAGE_ORDER, available_stages, run_stage, stage_help, stage_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -43,15 +44,53 @@ def test_every_stage_has_help_with_option_defaults():
         assert result.exit_code == 0, result.output
         assert stage_help(name) and stage_help(name).split()[0] in result.output
         assert "--params" in result.output and "params.yaml" in result.output
-        assert "--set" in result.output and "--shard" in result.output and "0/1" in result.output
+        assert "--set" in result.output
+        # only a stage that splits its work offers --shard (resize); the rest would ignore it
+        assert ("--shard" in result.output) == (name == "resize"), name
+        assert stage_shards(name) == (name == "resize"), name
 
 
-def test_params_listing_shows_defaults_and_rules():
+def test_params_listing_shows_defaults_and_rules(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: defaults only, and it says so
     result = runner.invoke(app, ["params", "base"])
     assert result.exit_code == 0
-    assert "base.device (str; default 'auto'; one of auto|cpu|cuda)" in result.output
+    assert "no such file; the code's defaults only" in result.output
+    assert "base.device (str; default 'auto'; one of auto|cpu|cuda)  auto picks" in result.output
     bad = runner.invoke(app, ["params", "nosuch"])
     assert bad.exit_code == 2 and "unknown stage 'nosuch'" in bad.output
+
+
+def test_params_listing_shows_the_params_files_values_beside_the_defaults(tmp_path):
+    """Mutation caught: listing only the dataclass defaults (the old behaviour) or reading another file."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: {seed: 7, device: auto}\nresize: {workers: 3, quality: 95}\n")
+    out = runner.invoke(app, ["params", "resize", "--params", str(path)], terminal_width=300).output.splitlines()
+    rows = {line.split(" (")[0]: line for line in out[1:]}
+    assert f"{path}: 3 *" in rows["resize.workers"] and "default 4" in rows["resize.workers"]
+    assert rows["resize.quality"].split("  ")[1] == f"{path}: 95"  # equal to the default: no mark
+    assert f"{path}: 150000" in rows["resize.min_pixels"]  # a key the file leaves out takes the default
+    base = runner.invoke(app, ["params", "base", "--params", str(path)]).output
+    assert f"base.seed (int; default 0; >= 0, <= 2147483647)  {path}: 7 *" in base
+    # the committed params.yaml: tiny-profile values, e.g. pretrain.patch 48 against the paper's default 96
+    committed = runner.invoke(app, ["params", "pretrain", "--params", str(ROOT / "params.yaml")]).output
+    assert "pretrain.patch (int; default 96" in committed and f"{ROOT / 'params.yaml'}: 48 *" in committed
+
+
+def test_params_listing_refuses_a_bad_params_file_like_a_stage(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base: {}\nresize: {workers: 0}\n")
+    result = runner.invoke(app, ["params", "resize", "--params", str(path)])
+    assert result.exit_code == 2 and "resize.workers" in result.output
+
+
+def test_shard_is_refused_by_a_stage_that_does_not_split_its_work(tmp_path, monkeypatch):
+    """The CLI has no --shard on such a stage, and run_stage refuses one before anything is written."""
+    root = _copy_profiles(tmp_path)
+    monkeypatch.chdir(root)
+    assert runner.invoke(app, ["stage", "mine", "--shard", "1/2"]).exit_code == 2  # no such option
+    with pytest.raises(ParamsError, match=r"--shard 1/2: stage mine does not split its work \(only resize does\)"):
+        run_stage("mine", Path("params.yaml"), [], "1/2")
+    assert sorted(p.name for p in root.iterdir()) == ["params.yaml", "profiles"]
 
 
 def _copy_profiles(tmp_path: Path) -> Path:
@@ -105,7 +144,8 @@ def test_every_profile_parses_for_every_stage():
 def test_stage_param_errors_exit_nonzero_and_write_nothing(tmp_path, monkeypatch, args, words):
     root = _copy_profiles(tmp_path)
     monkeypatch.chdir(root)
-    result = runner.invoke(app, ["stage", "fetch", *args])
+    stage = "resize" if args[0] == "--shard" else "fetch"  # the one stage with --shard: a bad value
+    result = runner.invoke(app, ["stage", stage, *args])
     assert result.exit_code == 2
     for w in words:
         assert w in result.output

@@ -216,6 +216,10 @@ def _fetch_result(root: Path) -> tuple[dict, dict]:
     metrics = json.loads((root / "metrics" / "fetch.json").read_text())
     seconds = metrics.pop("seconds")
     assert seconds >= 0
+    # the code's commit: the host's git sees the checkout's HEAD; the image may have no git (then null)
+    provenance = metrics.pop("provenance")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert provenance["commit"] in (head, None) and provenance["code_clean"] in (provenance["commit"] == head, None)
     outs = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["fetch"]["outs"]
     raw = [(out["md5"], out["nfiles"]) for out in outs if out["path"] == "data/raw"]
     assert len(raw) == 1 and raw[0][1] > 0
@@ -264,7 +268,7 @@ def test_base_runtime_docker_reruns_the_stage_in_the_container(image, checkout, 
     runs = [line for line in log.read_text().splitlines() if line.startswith("container run")]
     assert len(runs) == 1 and image in runs[0]
     assert runs[0].endswith("ctxrepro stage fetch --params params.yaml --set base.runtime=docker --set "
-                            "base.device=cpu --shard 0/1 --set base.runtime=local")
+                            "base.device=cpu --set base.runtime=local")
     assert "stage fetch, commit" in result.stderr + result.stdout, "the stage's own log, from the container"
     metrics = json.loads((checkout / "metrics" / "fetch.json").read_text())
     assert metrics["datasets"]["imagenet"]["images"] == 895, "the tiny world's 895 ImageNet images"

@@ -1,5 +1,5 @@
 """Tests for ctxrepro.transfer.convert and the convert stage: BN folding, fc6 -> conv6, the Figure 6 trunk, the
-checkpoint format (paper section 4.3, METHOD.md "Transfer")."""
+checkpoint format (paper section 4.3, docs/METHOD.md "Transfer")."""
 
 import json
 import logging

@@ -1,5 +1,5 @@
 """Proposals: Fast R-CNN's .mat convention, OpenCV selective search made reproducible, the per-image cache
-(ctxrepro.detection.proposals; paper section 4.3, DATA.md "Selective search .mat")."""
+(ctxrepro.detection.proposals; paper section 4.3, docs/DATA.md "Selective search .mat")."""
 
 from __future__ import annotations
 

@@ -188,7 +188,7 @@ def test_run_stage_in_container_argv(repo, fake, monkeypatch):
         "ctxrepro", "stage", "pretrain", "--params", "params.yaml", "--set", "pretrain.steps=3",
         "--set", "base.seed=2", "--shard", "1/4", "--set", "base.runtime=local"]
     assert options(fake.runs()[1], tag)[1] == [
-        "ctxrepro", "stage", "resize", "--params", "params.yaml", "--shard", "0/1", "--set", "base.runtime=local"]
+        "ctxrepro", "stage", "resize", "--params", "params.yaml", "--set", "base.runtime=local"]  # no --shard: 0/1
 
 
 def test_run_stage_refuses_params_outside_the_mount_and_nesting(repo, fake, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Tests for ctxrepro.pretext.model: the Figure 3 network (section 3, METHOD.md "Network")."""
+"""Tests for ctxrepro.pretext.model: the Figure 3 network (section 3, docs/METHOD.md "Network")."""
 
 import math
 

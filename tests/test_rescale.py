@@ -1,4 +1,4 @@
-"""Tests for ctxrepro.transfer.rescale: Kraehenbuehl et al.'s within-layer and between-layer initialisation (METHOD.md
+"""Tests for ctxrepro.transfer.rescale: Kraehenbuehl et al.'s within-layer and between-layer initialisation (docs/METHOD.md
 "Transfer"), checked on held-out data and against hand computations."""
 
 import logging

@@ -2,6 +2,7 @@
 hand example, streamed top-k against a full sort, patch labels, precision@k, the three feature sources."""
 
 import csv
+import functools
 import json
 import logging
 
@@ -161,27 +162,79 @@ def test_imagenet_alexnet_fc7_from_a_weights_file(alexnet_file, tmp_path):
         R.load_imagenet_alexnet(tmp_path / "other.pth", "cpu")
 
 
+def label_by_hand(root, image: str, y: int, x: int, patch: int, min_overlap: float) -> str:
+    """The class of the annotated box (read from the XML) covering the largest share of the patch, if that
+    share reaches min_overlap (first box on ties), else background."""
+    import xml.etree.ElementTree as ET
+
+    xml = root / image.replace("JPEGImages", "Annotations").replace(".jpg", ".xml")
+    best, name = 0.0, R.BACKGROUND
+    for o in ET.parse(xml).getroot().iter("object"):
+        b = {k: int(o.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")}
+        dy = min(y + patch, b["ymax"]) - max(y, b["ymin"] - 1)  # 1-based inclusive box -> 0-based half-open
+        dx = min(x + patch, b["xmax"]) - max(x, b["xmin"] - 1)
+        cover = max(dy, 0) * max(dx, 0) / patch ** 2
+        if cover > best:
+            best, name = cover, o.findtext("name")
+    return name if best >= min_overlap else R.BACKGROUND
+
+
+def imagenet_fc7_by_hand(net, root, image: str, y: int, x: int, patch: int, side: int) -> np.ndarray:
+    """fc7 after ReLU of torchvision's full AlexNet forward (a hook on classifier[5]) on one patch."""
+    from ctxrepro.pretext.export import read_rgb
+
+    crop = read_rgb(root / image)[:, y:y + patch, x:x + patch].float()[None] / 255
+    crop = torch.nn.functional.interpolate(crop, size=(side, side), mode="bilinear", align_corners=False)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    seen = []
+    hook = net.eval().classifier[5].register_forward_hook(lambda m, i, o: seen.append(o[0].clone()))
+    with torch.no_grad():
+        net((crop - mean) / std)
+    hook.remove()
+    return seen[0].double().numpy()
+
+
 @pytest.mark.slow
-def test_nn_stage_three_sources_and_consistent_outputs(alexnet_file, tmp_path):
+def test_nn_stage_labels_ranking_and_precision_match_an_independent_search(alexnet_file, tmp_path):
+    """Labels from the XML, the ImageNet source's neighbours from a full search of our own (torchvision
+    forward, numpy correlation, other images only), precision@k from those. Mutations caught (checked by
+    hand): label_patches taking the least covering box, score_chunk letting a query match its own image,
+    _write_matches recording the pool patch of another rank (ids reversed)."""
     from stages import nn as stage
 
     write_voc(tmp_path)
     (tmp_path / "models" / "pretrain").mkdir(parents=True)
     write_model(tmp_path / "models" / "pretrain" / "color_dropping.pt")
-    params = stage.Params(n_queries=10, pool_per_image=6, k=3, chunk=7, imagenet_weights=str(alexnet_file[0]),
+    params = stage.Params(n_queries=10, pool_per_image=2, k=3, chunk=7, imagenet_weights=str(alexnet_file[0]),
                           imagenet_input=64, show_queries=2, show_k=2, profile_note="test")
     ctx = StageContext(base=BaseParams(seed=0), device="cpu", log=logging.getLogger("test"), root=tmp_path)
     stage.run(params, ctx)
     m = json.loads((tmp_path / "metrics" / "nn.json").read_text())
     assert sorted(m["precision_at_k"]) == ["imagenet", "pretrained", "random"]
-    assert m["n_queries"] == 10 and m["n_pool"] == 24 and m["k"] == 3 and m["notes"] == {}
+    assert m["n_queries"] == 10 and m["n_pool"] == 8 and m["k"] == 3 and m["notes"] == {}
     with (tmp_path / "results" / "nn" / "matches.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 10 * 3
-    assert all(r["image"] != r["query_image"] for r in rows)  # neighbours come from other images
+    assert len(rows) == 3 * 10 * 3 and all(r["image"] != r["query_image"] for r in rows)
+    patch = load_pretrained(tmp_path / "models" / "pretrain" / "color_dropping.pt").patch
+    label = functools.cache(lambda im, y, x: label_by_hand(tmp_path, im, int(y), int(x), patch, 0.5))
+    for r in rows:
+        assert (r["query_label"], r["label"]) == (label(r["query_image"], r["query_y"], r["query_x"]),
+                                                  label(r["image"], r["y"], r["x"]))
+    pool = sorted({(r["image"], int(r["y"]), int(r["x"])) for r in rows})
+    assert len(pool) == m["n_pool"]  # every pool patch is someone's neighbour here: the whole pool is known
+    feats = {c: imagenet_fc7_by_hand(alexnet_file[1], tmp_path, *c, patch, 64) for c in pool}
+    for q in range(10):
+        mine = [r for r in rows if r["source"] == "imagenet" and int(r["query"]) == q]
+        query = (mine[0]["query_image"], int(mine[0]["query_y"]), int(mine[0]["query_x"]))
+        fq = imagenet_fc7_by_hand(alexnet_file[1], tmp_path, *query, patch, 64)
+        scores = {c: np.corrcoef(fq, f)[0, 1] for c, f in feats.items() if c[0] != query[0]}
+        expected = sorted(scores, key=scores.get, reverse=True)[:3]
+        assert [(r["image"], int(r["y"]), int(r["x"])) for r in sorted(mine, key=lambda r: int(r["rank"]))] == expected
+        assert [float(r["score"]) for r in mine] == pytest.approx([scores[c] for c in expected], abs=1e-4)
     for name, value in m["precision_at_k"].items():
-        mine = [r["label"] == r["query_label"] for r in rows if r["source"] == name]
-        assert value == pytest.approx(np.mean(mine)), name
+        hits = [label(r["image"], r["y"], r["x"]) == label(r["query_image"], r["query_y"], r["query_x"])
+                for r in rows if r["source"] == name]
+        assert value == pytest.approx(np.mean(hits)), name
     assert (tmp_path / "plots" / "nn" / "montage.png").stat().st_size > 1000
 
 

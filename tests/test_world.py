@@ -1,5 +1,5 @@
 """The tiny world read back with independent standard tools (tarfile, xml.etree, h5py, scipy.io, zipfile,
-gzip, pickle, PIL), checked against the real data sets' layouts (DATA.md) and hand-derived values."""
+gzip, pickle, PIL), checked against the real data sets' layouts (docs/DATA.md) and hand-derived values."""
 
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ def test_world_index_lists_every_image_by_its_extracted_path(world):
         assert e["kind"] in ("procedural", "photo", "junk") and (e["junk"] is None) == (e["kind"] != "junk")
         assert e["category"] is None or e["category"] in CATEGORIES
         if e["kind"] == "photo":
-            assert path.startswith(("imagenet/val/", "voc2011/"))  # never training data (METHOD.md)
+            assert path.startswith(("imagenet/val/", "voc2011/"))  # never training data (docs/METHOD.md)
 
 
 def _h5(world) -> h5py.File:

@@ -7,7 +7,7 @@ removes most of that cue. This module holds the pieces of that experiment:
 
 - positions: a patch's target is its centre divided by the image size, (x / W, y / H) in [0, 1];
 - training patches sit uniformly at random; evaluation patches sit on ONE grid of fractions shared
-  by every image (METHOD.md), so the always-predict-the-centre RMSE is the same for every image (up
+  by every image (docs/METHOD.md "The tiny-world prototype"), so the always-predict-the-centre RMSE is the same for every image (up
   to half-pixel rounding) and "the best 10% of images" ranks the regressor, not the grid;
 - errors are Euclidean in normalised coordinates: per image MSE_i = mean over its patches of
   (dx^2 + dy^2); RMSE over a set of images = sqrt(mean of their MSE_i) (every image has the same
@@ -54,7 +54,7 @@ class RegressorConfig:
     color: str = "none"  # "none" (raw pixels) or "projection" (section 3.1)
     steps: int = 800
     batch: int = 128
-    lr: float = 1e-3  # Adam (METHOD.md: Adam beat SGD at this scale)
+    lr: float = 1e-3  # Adam (docs/METHOD.md: Adam beat SGD at this scale)
     seed: int = 0
 
     def __post_init__(self) -> None:

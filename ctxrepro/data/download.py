@@ -1,4 +1,4 @@
-"""Resumable, verified HTTP(S) downloads with retries (DATA.md "Archives"; the paper's data, section 3).
+"""Resumable, verified HTTP(S) downloads with retries (docs/DATA.md "Archives"; the paper's data, section 3).
 
 A file is downloaded to `<final>.part`, resumed with an HTTP Range request after an interruption
 (restarting from zero when the server ignores Range), checked against its expected size and checksum,

@@ -1,4 +1,4 @@
-"""Safe extraction of the data sets' tar, tar.gz and zip archives (DATA.md "Archives").
+"""Safe extraction of the data sets' tar, tar.gz and zip archives (docs/DATA.md "Archives").
 
 Every member is checked before anything is written: absolute paths, `..` components, over-long names,
 names seen before in the archive, links that leave the target (or pass through another link), device

@@ -1,5 +1,5 @@
 """ILSVRC2012 in its published layout: the train tar of per-class tars, the flat val tar, and the
-extracted tree `train/<wnid>/<wnid>_<k>.JPEG`, `val/ILSVRC2012_val_%08d.JPEG` (DATA.md "Layouts").
+extracted tree `train/<wnid>/<wnid>_<k>.JPEG`, `val/ILSVRC2012_val_%08d.JPEG` (docs/DATA.md "Layouts").
 
 The paper pretrains on the 1.3M train images without labels (section 3, "Implementation Details").
 The 147 GB train tar is streamed: the outer tar is read sequentially and each class tar is opened as a

@@ -1,7 +1,7 @@
 """Decoding JPEG files into RGB arrays, and classifying the junk that real data sets contain.
 
 The pretext task (paper section 3) trains on ImageNet photographs; ImageNet holds a few files that are
-not what their name says (a PNG named .JPEG, CMYK and grayscale JPEGs; ../shared/DATA.md). This module
+not what their name says (a PNG named .JPEG, CMYK and grayscale JPEGs; docs/DATA.md "Known traps"). This module
 turns every file into either an RGB uint8 array or a `JunkImage` with a reason from `REASONS`, so that
 the resize stage can count and list bad files instead of dying on them.
 

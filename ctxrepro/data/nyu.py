@@ -1,6 +1,6 @@
 """NYU Depth v2 (labeled subset) and its surface-normal ground truth, read in their published formats.
 
-Used for the surface-normal transfer experiment (paper section 4.4, Table 2). DATA.md "Layouts":
+Used for the surface-normal transfer experiment (paper section 4.4, Table 2). docs/DATA.md "Layouts":
 - `nyu_depth_v2_labeled.mat` is MATLAB v7.3 = HDF5; h5py shows MATLAB's shapes reversed: `images`
   (1449, 3, 640, 480), `depths` / `rawDepths` (1449, 640, 480). Swapping the last two axes gives
   H x W = 480 x 640. Depths are metres; `rawDepths` is 0 where the sensor read nothing.

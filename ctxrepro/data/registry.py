@@ -1,8 +1,8 @@
-"""The known archives of the data sets (../shared/DATA.md) and how a file is verified against them.
+"""The known archives of the data sets (docs/DATA.md "Archives") and how a file is verified against them.
 
 The paper pretrains on ImageNet 2012 train (section 3, "Implementation Details") and evaluates on
 VOC 2007 detection (4.3), NYUv2 surface normals (4.4) and VOC 2011 mining (4.5). Each data set is a
-few archives with a known name, size and checksum. A checksum marked UNVERIFIED in DATA.md never fails
+few archives with a known name, size and checksum. A checksum marked UNVERIFIED in docs/DATA.md never fails
 a run: a mismatch only warns.
 
 The same names are used by the builtin tiny world, whose archives are small: a file whose size differs
@@ -33,7 +33,7 @@ class ChecksumError(ValueError):
 class Checksum:
     algo: str  # a hashlib name: "md5" or "sha256"
     hexdigest: str
-    verified: bool = True  # False: UNVERIFIED in DATA.md, so a mismatch warns instead of failing
+    verified: bool = True  # False: UNVERIFIED in docs/DATA.md, so a mismatch warns instead of failing
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Archive:
 
     name: str
     dataset: str
-    size: int | None  # bytes of the real file; None where DATA.md has no exact value
+    size: int | None  # bytes of the real file; None where docs/DATA.md has no exact value
     checksum: Checksum | None
     url: str | None  # official download location; None where a login is needed or none is known
     place: str  # one of PLACES
@@ -74,7 +74,7 @@ ARCHIVES: tuple[Archive, ...] = (
             "extract", "VOCdevkit/VOC2007", images=4_952, note="unpacks into the same VOCdevkit as trainval"),
     Archive("VOCtrainval_25-May-2011.tar", "voc2011", None,
             Checksum("md5", "6c3384ef61512963050cb5d687e5bf1e"), _VOC + "voc2011/VOCtrainval_25-May-2011.tar",
-            "extract", "TrainVal/VOCdevkit/VOC2011", note="size UNVERIFIED in DATA.md"),
+            "extract", "TrainVal/VOCdevkit/VOC2011", note="size UNVERIFIED in docs/DATA.md"),
     Archive("nyu_depth_v2_labeled.mat", "nyuv2", 2_972_037_809,
             Checksum("sha256", "2d724b0c0ab358aa1ce5df855e5bd14a2279ab7202efe22f32a30d612dcb86aa", verified=False),
             _NYU + "nyu_depth_v2/nyu_depth_v2_labeled.mat", "file", "nyu_depth_v2_labeled.mat", images=1_449,
@@ -189,7 +189,7 @@ class Expected:
         a = self.archive
         if a.size is None or size == a.size or (self.listed_md5 is not None and not self.official):
             return
-        raise ChecksumError(f"{where}: {size:,} bytes, but the published {a.name} has {a.size:,} (DATA.md) and no "
+        raise ChecksumError(f"{where}: {size:,} bytes, but the published {a.name} has {a.size:,} (docs/DATA.md) and no "
                             "MD5SUMS beside it lists this file: truncated, or another file under its name? If it is "
                             "deliberately not the published file, list its md5 in an MD5SUMS file beside it")
 
@@ -198,7 +198,7 @@ class Expected:
         a, reg = self.archive, self.archive.checksum
         size_known = a.size is not None
         if self.official and size_known and size != a.size:
-            raise ChecksumError(f"{where}: size mismatch: expected {a.size:,} bytes (DATA.md), got {size:,}")
+            raise ChecksumError(f"{where}: size mismatch: expected {a.size:,} bytes (docs/DATA.md), got {size:,}")
         if self.official or (size_known and size == a.size):
             return Verdict(True, *_against_registry(where, reg, digests, hint=""))
         if self.listed_md5 is not None:
@@ -224,7 +224,7 @@ def _against_registry(where: str, reg: Checksum | None, digests: dict[str, str],
     actual = digests[reg.algo]
     if actual == reg.hexdigest:
         return "registry", ()
-    text = f"{where}: {reg.algo} mismatch: expected {reg.hexdigest} (DATA.md), got {actual}"
+    text = f"{where}: {reg.algo} mismatch: expected {reg.hexdigest} (docs/DATA.md), got {actual}"
     if reg.verified:
         raise ChecksumError(text + hint)
-    return None, (text + " (the expected value is UNVERIFIED in DATA.md, so this only warns)",)
+    return None, (text + " (the expected value is UNVERIFIED in docs/DATA.md, so this only warns)",)

@@ -1,4 +1,4 @@
-"""PASCAL VOC devkit annotations and image sets, as the devkit ships them (DATA.md "Layouts").
+"""PASCAL VOC devkit annotations and image sets, as the devkit ships them (docs/DATA.md "Layouts").
 
 VOC 2007 serves detection (paper section 4.3) and purity-coverage (4.5.1); VOC 2011 serves mining (4.5).
 A devkit year folder (`VOCdevkit/VOC2007`, `TrainVal/VOCdevkit/VOC2011`) holds `Annotations/<id>.xml`,

@@ -1,4 +1,4 @@
-"""Box arithmetic in Fast R-CNN's convention (paper section 4.3 uses Fast R-CNN; DATA.md "Selective search").
+"""Box arithmetic in Fast R-CNN's convention (paper section 4.3 uses Fast R-CNN; docs/DATA.md "Selective search .mat").
 
 Boxes are (N, 4) [x1 y1 x2 y2] in 0-based *inclusive* pixels: width = x2 - x1 + 1, as Fast R-CNN's roidb,
 `bbox_overlaps` and `bbox_transform` use them. The devkit's 1-based files differ by exactly 1.

@@ -1,4 +1,4 @@
-"""Fast R-CNN testing and the devkit's results files (paper section 4.3, Table 1; DATA.md).
+"""Fast R-CNN testing and the devkit's results files (paper section 4.3, Table 1; docs/DATA.md).
 
 Per test image: every proposal is scored (softmax over fc8); with box regression each class gets its own
 decoded box, clipped to the image, else the proposal itself. Per class: detections scoring above
@@ -33,7 +33,7 @@ Detections = dict[int, np.ndarray]  # class index (1..20) -> (n, 5) [x1 y1 x2 y2
 
 @dataclass(frozen=True)
 class TestConfig:
-    """Fast R-CNN's test settings (DATA.md): one scale, NMS 0.3 per class, at most 100 per class per image."""
+    """Fast R-CNN's test settings (docs/DATA.md "Fast R-CNN defaults"): one scale, NMS 0.3 per class, at most 100 per class per image."""
 
     scale: int = 600
     max_size: int = 1000

@@ -1,5 +1,5 @@
 """Selective-search object proposals, read from Fast R-CNN's .mat files or computed with OpenCV, cached per image
-(paper section 4.3 fine-tunes with Fast R-CNN on selective search boxes; DATA.md "Selective search .mat").
+(paper section 4.3 fine-tunes with Fast R-CNN on selective search boxes; docs/DATA.md "Selective search .mat").
 
 Every function returns boxes as (K, 4) float64 [x1 y1 x2 y2], 0-based inclusive pixels (`ctxrepro.detection.boxes`).
 

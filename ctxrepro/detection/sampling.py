@@ -1,4 +1,4 @@
-"""RoI mini-batch sampling, as Fast R-CNN's `_sample_rois` (section 4.3 fine-tunes with Fast R-CNN; DATA.md).
+"""RoI mini-batch sampling, as Fast R-CNN's `_sample_rois` (section 4.3 fine-tunes with Fast R-CNN; docs/DATA.md).
 
 Per image: the candidate RoIs are the ground-truth boxes followed by the proposals. Each RoI's label is the
 class of the ground-truth box it overlaps most (IoU, +1 convention). Foreground: IoU >= fg_thresh, at most
@@ -17,7 +17,7 @@ from ctxrepro.detection.boxes import iou
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Fast R-CNN's VOC 2007 defaults (DATA.md): 64 RoIs per image, 25% foreground at IoU >= 0.5,
+    """Fast R-CNN's VOC 2007 defaults (docs/DATA.md "Fast R-CNN defaults"): 64 RoIs per image, 25% foreground at IoU >= 0.5,
     background at IoU in [0.1, 0.5)."""
 
     rois_per_image: int = 64

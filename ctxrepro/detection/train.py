@@ -1,4 +1,4 @@
-"""Fast R-CNN fine-tuning (paper section 4.3: "we fine-tune this network"; Fast R-CNN's solver, DATA.md).
+"""Fast R-CNN fine-tuning (paper section 4.3: "we fine-tune this network"; Fast R-CNN's solver, docs/DATA.md).
 
 Each iteration takes a mini-batch from `loader` (images from a seeded shuffle of the training images and their
 mirror images, scaled, with sampled RoIs; built in DataLoader workers) and takes one SGD step on the multi-task
@@ -32,7 +32,7 @@ from ctxrepro.states.folders import resume_state
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """Fast R-CNN's VOC 2007 solver (DATA.md): 40k iterations of 2 images, lr 0.001 x0.1 at 30k,
+    """Fast R-CNN's VOC 2007 solver (docs/DATA.md "Fast R-CNN defaults"): 40k iterations of 2 images, lr 0.001 x0.1 at 30k,
     momentum 0.9, weight decay 5e-4, flips, shorter side 600 capped at 1000."""
 
     iterations: int = 40000

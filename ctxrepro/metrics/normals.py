@@ -1,4 +1,4 @@
-"""Surface-normal accuracy on NYUv2 (paper section 4.4, Table 2; DATA.md "NYUv2 surface normals").
+"""Surface-normal accuracy on NYUv2 (paper section 4.4, Table 2; docs/DATA.md "NYUv2 surface normals").
 
 The protocol of Fouhey et al. 2013 as Wang et al. 2015 and the FAIR benchmark use it:
 - predicted and ground-truth normals are renormalised to unit length;

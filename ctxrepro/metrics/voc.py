@@ -1,5 +1,5 @@
 """VOC 2007 detection AP exactly as the official devkit's VOCevaldet computes it (paper section 4.3, Table 1;
-DATA.md "VOC2007 detection AP").
+docs/DATA.md "VOC2007 detection AP").
 
 Per class, over the whole image set:
 - ground truth: every object of the class in `Annotations/<id>.xml` for the ids of

@@ -1,4 +1,4 @@
-"""NYUv2 data for the surface-normal experiment (paper section 4.4; DATA.md "NYUv2 surface normals").
+"""NYUv2 data for the surface-normal experiment (paper section 4.4; docs/DATA.md "NYUv2 surface normals").
 
 Ground truth, from the first source available (the issue's order):
 1. the FAIR benchmark's `surfacenormal_metadata/all_normals.pklz` (normals and valid-depth masks, courtesy

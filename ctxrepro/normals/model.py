@@ -1,7 +1,7 @@
 """Surface-normal estimation on NYUv2 by fine-tuning a transferred trunk (paper section 4.4, Table 2).
 
 The paper fine-tunes its colour-dropping network "following the finetuning procedure of Wang et al. [57]";
-the FAIR self-supervision benchmark's release of that protocol (METHOD.md "Transfer") is what this follows:
+the FAIR self-supervision benchmark's release of that protocol (docs/METHOD.md "Transfer") is what this follows:
 - a codebook of 40 normals, k-means clusters of training normals (`vocab40.mat` when given, else
   `kmeans_codebook` on the training split);
 - the trunk (conv1..conv6b of Figure 6, `ctxrepro.transfer.trunk.load_trunk`) with a small conv head that

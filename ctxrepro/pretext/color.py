@@ -1,6 +1,6 @@
 """Per-patch preprocessing against trivial solutions (section 3.1), batched on any device.
 
-Order (METHOD.md "Pretext task", the released code's `prep_image`):
+Order (docs/METHOD.md "Pretext task", the released code's `prep_image`):
 1. random downsampling: with probability p, resample the patch to s x s,
    s = floor(sqrt(U * (max^2 - min^2) + min^2)), then back to S x S ("to as little as 100
    total pixels ... to build robustness to pixelation");

@@ -1,7 +1,7 @@
 """The pretext task's data path: images -> jittered grids -> one batch of patches and pairs (section 3).
 
 Section 3 ("Implementation Details") samples patches on a grid so that each patch takes part in up to 8
-pairs; METHOD.md adds the released code's batch rule: several grids per image (4), at most 512 patches
+pairs; docs/METHOD.md adds the released code's batch rule: several grids per image (4), at most 512 patches
 per batch, a pair count that varies. This module turns the resized images (the `resize` stage's
 manifest) into such batches:
 
@@ -40,14 +40,14 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from ctxrepro.pretext.sampling import MODES, batch_pairs, cut_patches_batch, grid_origin_range, sample_grid
 from ctxrepro.seeds import generator
 
-# Purposes of derived seeds: one base seed, a different stream per purpose (STYLE.md rule 7).
+# Purposes of derived seeds: one base seed, a different stream per purpose.
 DATA, AUGMENT, HELDOUT, INIT, LOADER = 1, 2, 3, 4, 5
 MANIFEST_COLUMNS = ("split", "path", "source", "orig_width", "orig_height", "width", "height")
 
 
 @dataclass(frozen=True)
 class BatchSpec:
-    """Geometry and batch rule (METHOD.md "Pretext task"; paper values as defaults)."""
+    """Geometry and batch rule (docs/METHOD.md "Pretext task"; paper values as defaults)."""
 
     patch: int = 96  # section 3: 96x96 patches
     gap: int = 48  # section 3: 48 px gap, pitch 144

@@ -1,6 +1,6 @@
 """Training the context-prediction network (section 3): steps, evaluation, the resumable loop.
 
-One step (section 3 "Implementation Details", METHOD.md): a batch of grid patches (uint8, from
+One step (section 3 "Implementation Details", docs/METHOD.md): a batch of grid patches (uint8, from
 `pretext.data`) is preprocessed in one batched pass (`color.preprocess`: downsampling, mean
 subtraction, projection or colour dropping, RMS 50) and optionally shrunk to `input_size` (area): on
 CUDA on the GPU after the transfer, on the CPU in the DataLoader workers (the same step-seeded
@@ -48,7 +48,7 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser and loss (section 3; METHOD.md gives the released solver's values)."""
+    """Optimiser and loss (section 3; docs/METHOD.md "Pretext task" gives the released solver's values)."""
 
     name: str = "sgd"  # "sgd" (paper) or "adam"
     lr: float = 1e-5  # released solver: fixed 1e-5
@@ -70,7 +70,7 @@ class TrainConfig:
     fc_dim: int | None = None  # fc6 size; None = the tower's default (model.DEFAULT_FC)
     input_size: int = 0  # 0: the network sees patches at their sampled size
     seed: int = 0
-    steps: int = 1_700_000  # METHOD.md: the released README's ~1.7M iterations
+    steps: int = 1_700_000  # docs/METHOD.md: the released README's ~1.7M iterations
     max_seconds: float = 0.0  # training-loop time budget over all resumes; 0 = none
     checkpoint_every: int = 1000
     log_every: int = 100
@@ -78,7 +78,7 @@ class TrainConfig:
     amp: str = "bf16"  # CUDA only: "bf16", "fp16" (with a grad scaler) or "none"
     channels_last: bool = True  # CUDA only
     compile: bool = False
-    heldout_images: int = 500  # METHOD.md: pretext accuracy on 500 VOC07 images
+    heldout_images: int = 500  # docs/METHOD.md: pretext accuracy on 500 VOC07 images
     workers: int = 4
     decode: str = "worker"  # "worker": DataLoader workers decode; "device": torchvision on the device
 
@@ -110,7 +110,7 @@ def prepare_inputs(patches: Tensor, cfg: TrainConfig, g: torch.Generator, channe
     """uint8 patches -> network input: section 3.1 preprocessing, then the optional resize to input_size."""
     x = preprocess(patches, g, cfg.augment)
     if cfg.input_size and cfg.input_size != x.shape[-1]:
-        # area averaging: the tiny profile's 48 px patches shrunk to 32 px (METHOD.md prototype lesson)
+        # area averaging: the tiny profile's 48 px patches shrunk to 32 px (docs/METHOD.md "The tiny-world prototype")
         x = F.interpolate(x, size=(cfg.input_size, cfg.input_size), mode="area")
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -186,7 +186,7 @@ def evaluate(model: nn.Module, table: ImageTable, cfg: TrainConfig, device: str)
     """Held-out pretext accuracy (section 4.6) on fixed, seeded images, scales and grids; no downsampling.
 
     Batch norm uses its running statistics (eval mode). With several image groups (the tiny world's
-    kinds) each group's accuracy is reported too: real photos lag procedural scenes (METHOD.md).
+    kinds) each group's accuracy is reported too: real photos lag procedural scenes (docs/METHOD.md "The tiny-world prototype").
     """
     was_training = model.training
     model.eval()
@@ -358,7 +358,7 @@ def _loop(run: _Run, cfg: TrainConfig, table: ImageTable, state: Path, device: s
 
 
 def configure_backend(device: str, log: logging.Logger) -> None:
-    """Set the numerics flags that matter here and write them all to the log (STYLE.md rule 7)."""
+    """Set the numerics flags that matter here and write them all to the log (determinism: the flags are part of the result)."""
     if device.startswith("cuda"):
         # The patch count changes every step: cuDNN autotuning would re-benchmark for each new shape.
         torch.backends.cudnn.benchmark = False

@@ -58,7 +58,7 @@ def _lrn(name: str) -> tuple[str, nn.Module]:
 
 
 def alexnet_layers(width: int = 96) -> list[tuple[str, nn.Module]]:
-    """Figure 3 tower up to pool5 (METHOD.md "Network"); `width` scales channels (96 = paper)."""
+    """Figure 3 tower up to pool5 (docs/METHOD.md "Network"); `width` scales channels (96 = paper)."""
     c1, c2, c3, c4, c5 = (max(1, round(c * width / 96)) for c in ALEXNET_CHANNELS)
     return [
         *_conv_block("1", 3, c1, 11, stride=4, pad=5), _pool("1"), _lrn("1"),
@@ -70,7 +70,7 @@ def alexnet_layers(width: int = 96) -> list[tuple[str, nn.Module]]:
 
 
 def small_layers(width: int = 16) -> list[tuple[str, nn.Module]]:
-    """A narrow AlexNet-shaped tower for the tiny profile (METHOD.md: 16 channels, 32-48 px).
+    """A narrow AlexNet-shaped tower for the tiny profile (docs/METHOD.md: 16 channels, 32-48 px).
 
     conv1 is 5x5/2 instead of 11x11/4 so a 48 px patch reaches pool5 at 3x3, as 96 px does in
     the AlexNet tower. LRN is replaced by affine-free batch norm after conv1/conv2: at this

@@ -3,7 +3,7 @@
 Section 3 added batch norm because the network otherwise stalled into "uniform prediction": the
 ReLUs behind fc layers without normalisation (fc8 here) die while the weight norms grow. A step
 that is too large (momentum 0.999 on lr 1e-5 with the summed loss: 1000x the released solver's,
-METHOD.md) drives exactly that. Every `log_every` steps the engine reads, for the last training
+docs/METHOD.md) drives exactly that. Every `log_every` steps the engine reads, for the last training
 batch, the share of live activations (> 0) after each monitored ReLU, and the L2 norm of every
 weight; a run whose share falls below `min_live_fraction` in any layer is stopped, naming it.
 

@@ -3,7 +3,7 @@
 They are printed beside ours in REPORT.md and never used to compute anything. Table 1's ConvNet rows
 live with the detect stage's own table (`ctxrepro.detection.table`), Table 2's with the normals stage's
 (`ctxrepro.normals.table`); both are re-exported here, and neither imports torch. The rest come from the
-text of sections 4.2, 4.5.1 and 4.6, and from ../shared/METHOD.md "Headline numbers" (which quotes them).
+text of sections 4.2, 4.5.1 and 4.6, and from docs/METHOD.md "Headline numbers" (which quotes them).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ SECTION_4_5_1 = {
     "eval_n_constellations": PaperValue(16384, "section 4.5.1: 16,384 initial clusters"),
 }
 
-# METHOD.md (Network): the scale of the pretraining run.
+# docs/METHOD.md "Network": the scale of the pretraining run.
 PRETRAINING = {
-    "steps": PaperValue(1_700_000, "METHOD.md: the released code's README, about 1.7M iterations"),
-    "days": PaperValue(28, "METHOD.md: about 4 weeks on one K40"),
+    "steps": PaperValue(1_700_000, "docs/METHOD.md: the released code's README, about 1.7M iterations"),
+    "days": PaperValue(28, "docs/METHOD.md: about 4 weeks on one K40"),
 }

@@ -26,7 +26,7 @@ PRETRAIN_CURVES = Path(f"dvclive/pretrain/{P.MAIN_VARIANT}/plots/metrics/train")
 DETECT_PLOTS = Path("plots/detect")  # <init>/loss.csv
 CONFUSION = Path("plots/pretext_eval/confusion.csv")
 PURITY = Path("plots/mine/purity_coverage.csv")
-# Figure 2's labels 0..7, named by where the second patch lies relative to the first (METHOD.md)
+# Figure 2's labels 0..7, named by where the second patch lies relative to the first (docs/METHOD.md)
 POSITIONS = ("0 UL", "1 U", "2 UR", "3 L", "4 R", "5 DL", "6 D", "7 DR")
 
 

@@ -13,8 +13,8 @@ from ctxrepro.report.tables import DASH, NOT_RUN, _number, _over, count, data_li
 def section_4_6(run: RunData) -> list[str]:
     """Pretext accuracy on VOC 2007, inside boxes, on cars, and on training vs held-out images."""
     m = run.get("pretext_eval")
-    lines = ["## Section 4.6: accuracy on the relative-position task", "", data_line(run, ("imagenet", "voc2007")),
-             ""]
+    lines = ["## Section 4.6: accuracy on the relative-position task", "",
+             data_line(run, ("imagenet", "voc2007"), ("pretrain", "pretext_eval")), ""]
     if m is None:
         lines += [f"pretext_eval: {NOT_RUN} (`metrics/pretext_eval.json` missing; `dvc repro pretext_eval`).", ""]
         m = {}
@@ -51,7 +51,7 @@ def section_4_2(run: RunData) -> list[str]:
     m = run.get("aberration")
     world = (m or {}).get("source") == "world"
     lines = ["## Section 4.2: learnability of chromatic aberration", "",
-             data_line(run, () if world else ("imagenet",), rendered_world=world), ""]
+             data_line(run, () if world else ("imagenet",), ("aberration",), rendered_world=world), ""]
     if m is None:
         lines += [f"aberration: {NOT_RUN} (`metrics/aberration.json` missing; `dvc repro aberration`).", ""]
         m = {}
@@ -82,7 +82,7 @@ def figure_9(run: RunData) -> list[str]:
     """Purity-coverage AUC of the mined clusters on the VOC 2007 subset."""
     m = run.get("mine")
     lines = ["## Figure 9: purity-coverage of mined clusters (section 4.5.1)", "",
-             data_line(run, ("imagenet", "voc2007")), ""]
+             data_line(run, ("imagenet", "voc2007"), ("pretrain", "mine")), ""]
     if m is None:
         lines += [f"mine: {NOT_RUN} (`metrics/mine.json` missing; `dvc repro mine`).", ""]
         m = {}
@@ -104,7 +104,8 @@ def figure_9(run: RunData) -> list[str]:
 def section_4_1(run: RunData) -> list[str]:
     """Nearest neighbours: the paper shows them (Figure 4) without a number; ours gives precision@k."""
     m = run.get("nn")
-    lines = ["## Section 4.1: nearest neighbours (Figure 4)", "", data_line(run, ("imagenet", "voc2007")), "",
+    lines = ["## Section 4.1: nearest neighbours (Figure 4)", "",
+             data_line(run, ("imagenet", "voc2007"), ("pretrain", "nn")), "",
              "The paper reports no number for this experiment; precision@k (a neighbour counts when it carries the "
              "query's box label) is ours.", ""]
     if m is None:

@@ -36,7 +36,8 @@ DASH = "–"
 @dataclass(frozen=True)
 class RunData:
     """What one run left behind: parsed metrics by key ("pretrain", "detect/ours"), files that could not be
-    used and why, the params profile, the commit, and each data set's source kind from metrics/fetch.json."""
+    used and why, the params profile, the commit checked out when the report is written (REPORT.md prints
+    the commits the metrics files recorded instead), and each data set's source kind from metrics/fetch.json."""
 
     metrics: dict[str, dict]
     unreadable: dict[str, str]
@@ -136,14 +137,40 @@ def tiny_world(run: RunData, datasets: Sequence[str]) -> bool:
     return run.profile == "tiny" or any(run.sources.get(d) == "builtin" for d in datasets)
 
 
-def data_line(run: RunData, datasets: Sequence[str], rendered_world: bool = False) -> str:
-    """Which data a section's numbers come from, and whether they can be set beside the paper's."""
+def code_label(m: dict | None) -> str:
+    """Which code wrote a metrics file: the commit its stage recorded (`ctxrepro.stage.code_provenance`), and
+    whether the stage's code had uncommitted changes then."""
+    prov = (m or {}).get("provenance")
+    if not isinstance(prov, dict):
+        return "commit not recorded"
+    if not prov.get("commit"):
+        return "commit unknown (ran outside git)"
+    clean = prov.get("code_clean")
+    state = "" if clean else " with uncommitted code changes" if clean is False else " (cleanliness unknown)"
+    return f"`{str(prov['commit'])[:12]}`{state}"
+
+
+def code_line(run: RunData, stages: Sequence[str]) -> str:
+    """The code commits behind the metrics files of `stages`, each once (several when files differ)."""
+    labels = sorted({code_label(run.metrics[k]) for s in stages for k in stage_keys(run, s) if k in run.metrics})
+    return f"code {'; '.join(labels)}" if labels else f"code {NOT_RUN}"
+
+
+def code_commits(run: RunData) -> list[str]:
+    """Every commit recorded by the metrics files read, sorted (the report's own summary)."""
+    return sorted({str(m["provenance"]["commit"]) for m in run.metrics.values()
+                   if isinstance(m.get("provenance"), dict) and m["provenance"].get("commit")})
+
+
+def data_line(run: RunData, datasets: Sequence[str], stages: Sequence[str],
+              rendered_world: bool = False) -> str:
+    """Which data and code a section's numbers come from, and whether they can be set beside the paper's."""
     srcs = run.sources
     parts = [f"{DATASETS[d]} ({'tiny world' if srcs.get(d) == 'builtin' else srcs.get(d, 'source unknown')})"
              for d in datasets]
     if rendered_world:
         parts.append("scenes rendered by the stage from the tiny world")
-    head = f"Data: {', '.join(parts)}; profile `{run.profile}`; commit `{run.commit}`."
+    head = f"Data: {', '.join(parts)}; profile `{run.profile}`; {code_line(run, stages)}."
     if rendered_world or tiny_world(run, datasets):
         return head + " **Tiny-world numbers: they cannot be compared with the paper's.**"
     if any(d not in srcs for d in datasets):
@@ -167,12 +194,13 @@ def stage_status(run: RunData) -> list[str]:
         keys = stage_keys(run, stage)
         if not keys:
             pattern = f"metrics/{stage}/*.json" if stage in FOREACH else f"metrics/{stage}.json"
-            rows.append((stage, f"`{pattern}`", NOT_RUN, DASH))
+            rows.append((stage, f"`{pattern}`", NOT_RUN, DASH, DASH))
         for key in keys:
             m = run.metrics.get(key)
             status = "ok" if m is not None else run.unreadable[key]
-            rows.append((key, f"`metrics/{key}.json`", status, fixed(seconds_of(m or {}), 1)))
-    return md_table(("stage", "metrics file", "status", "seconds"), rows)
+            code = code_label(m) if m is not None else DASH
+            rows.append((key, f"`metrics/{key}.json`", status, fixed(seconds_of(m or {}), 1), code))
+    return md_table(("stage", "metrics file", "status", "seconds", "code"), rows)
 
 
 def data_sources(run: RunData) -> list[str]:
@@ -208,7 +236,8 @@ def _table1_status(run: RunData, row: str, inits: list[str]) -> str:
 def table1(run: RunData) -> list[str]:
     """Table 1: every row's mAP, ours beside the row it reproduces; then per-class AP of our runs."""
     inits = run.inits("detect")
-    lines = ["## Table 1: VOC 2007 test detection (section 4.3)", "", data_line(run, ("imagenet", "voc2007")), ""]
+    lines = ["## Table 1: VOC 2007 test detection (section 4.3)", "",
+             data_line(run, ("imagenet", "voc2007"), ("pretrain", "convert", "detect")), ""]
     rows = []
     for row in P.TABLE1_ORDER:
         claimed = [i for i in inits if run.metrics[f"detect/{i}"].get("paper_row") == row]
@@ -254,7 +283,8 @@ def _table1_per_class(run: RunData, inits: list[str]) -> list[str]:
 def table2(run: RunData) -> list[str]:
     """Table 2: NYUv2 surface normals, each paper row followed by the run that reproduces it."""
     inits = run.inits("normals")
-    lines = ["## Table 2: NYUv2 surface normals (section 4.4)", "", data_line(run, ("imagenet", "nyuv2")), ""]
+    lines = ["## Table 2: NYUv2 surface normals (section 4.4)", "",
+             data_line(run, ("imagenet", "nyuv2"), ("pretrain", "convert", "normals")), ""]
     keys = (*P.TABLE2_COLUMNS, "rmse")
     rows = []
     for label, values in P.PAPER_TABLE2:
@@ -283,7 +313,7 @@ def table2(run: RunData) -> list[str]:
 def pretraining(run: RunData) -> list[str]:
     """One column per pretraining variant (metrics/pretrain/<variant>.json)."""
     variants = run.inits("pretrain")
-    lines = ["## Pretraining (section 3)", "", data_line(run, ("imagenet",)), ""]
+    lines = ["## Pretraining (section 3)", "", data_line(run, ("imagenet",), ("pretrain",)), ""]
     if not variants:
         return lines + [f"pretrain: {NOT_RUN} (`metrics/pretrain/*.json` missing; `dvc repro pretrain`)."]
     s, ms = P.PRETRAINING, [run.metrics[f"pretrain/{v}"] for v in variants]

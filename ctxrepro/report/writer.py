@@ -1,9 +1,9 @@
 """REPORT.md: every table and number of the paper beside ours, with provenance, figures and what changed.
 
 The `report` stage (last in dvc.yaml) and `ctxrepro report` both call `write_report`. It reads the stages'
-metrics files (never re-typed numbers), the params profile (`ctxrepro.profiles.current_profile`) and the
-commit (`ctxrepro.stage.git_commit`); draws the DVC plots as PNGs under plots/report (`ctxrepro.report.plots`,
-since `dvc plots show` needs a CDN); links the stages' montage figures; and renders `dvc metrics diff
+metrics files (never re-typed numbers), the code commit each of them recorded (`ctxrepro.stage`), and the
+params profile (`ctxrepro.profiles.current_profile`); draws the DVC plots as PNGs under plots/report
+(`ctxrepro.report.plots`, since `dvc plots show` needs a CDN); links the stages' montage figures; and renders `dvc metrics diff
 <against> --json` as a "what changed" table. Tables: `ctxrepro.report.tables`; paper values:
 `ctxrepro.report.paper_numbers`.
 """
@@ -33,6 +33,7 @@ from ctxrepro.stage import git_commit
 REPORT = Path("REPORT.md")
 PLOTS = Path("plots/report")
 SELF_METRICS = "metrics/report.json"  # the report's own metrics: stale while it runs, left out of the diff
+PROVENANCE = "provenance."  # each metrics file's code commit (ctxrepro.stage.stamp_metrics): not a result
 # Figures drawn by the stages themselves, in the paper's order: (glob under the repo root, what it shows)
 MONTAGES = (("plots/nn/montage.png", "Figure 4: nearest neighbours (section 4.1)"),
             ("plots/aberration/figure5.png", "Figure 5: absolute (x, y) from chromatic aberration (section 4.2)"),
@@ -74,6 +75,8 @@ def parse_diff(data: dict) -> tuple[tuple[str, str, Any, Any, Any], ...]:
         if file == SELF_METRICS or not isinstance(changes, dict):
             continue
         for key, change in sorted(changes.items()):
+            if key.startswith(PROVENANCE):  # a new commit is not a changed result
+                continue
             c = change if isinstance(change, dict) else {}
             rows.append((file, key, c.get("old"), c.get("new"), c.get("diff")))
     return tuple(rows)
@@ -143,7 +146,9 @@ def header(run: T.RunData) -> list[str]:
              "Written by the `report` stage (`ctxrepro report`). Every reproduced number is read from the stages' "
              "metrics files; the paper's values (`ctxrepro/report/paper_numbers.py`) are printed beside them, never used "
              "to compute anything. `not run`: the stage's metrics file is missing.", "",
-             f"- profile: `{run.profile}` (params.yaml against profiles/*.yaml)", f"- commit: `{run.commit}`"]
+             f"- profile: `{run.profile}` (params.yaml against profiles/*.yaml)",
+             f"- {T.code_line(run, T.STAGES)}: the commit each stage recorded in its metrics file when it ran (the "
+             "`code` column below; a section names those of its stages), not the commit checked out now"]
     world = [T.DATASETS[d] for d, kind in sorted(run.sources.items()) if kind == "builtin" and d in T.DATASETS]
     if run.profile == "tiny" or world:
         lines += ["", f"> **Tiny world.** The numbers in this report come from the embedded tiny world "
@@ -183,7 +188,7 @@ def write_report(root: Path, against: str = "HEAD~1", max_diff_rows: int = 200, 
                  log: logging.Logger | None = None) -> dict:
     """Write REPORT.md and plots/report/ under root (both complete or absent); return a summary for metrics."""
     log = log or logging.getLogger("ctxrepro.report.writer")
-    run = T.load_run(root, current_profile(root), git_commit(root))
+    run = T.load_run(root, current_profile(root), git_commit(root) or "unknown")
     for _, why in sorted(run.unreadable.items()):
         log.warning("report: %s", why)
     diff = diff_fn(root, against, diff_timeout)
@@ -195,7 +200,7 @@ def write_report(root: Path, against: str = "HEAD~1", max_diff_rows: int = 200, 
             log.info("report figure %s skipped: %s", name, why)
     atomic_write_text(root / REPORT, render(root, run, diff, made, max_diff_rows))
     missing = [s for s in T.STAGES if not T.stage_keys(run, s)]
-    return {"profile": run.profile, "commit": run.commit, "metrics_files": len(run.metrics),
+    return {"profile": run.profile, "code_commits": T.code_commits(run), "metrics_files": len(run.metrics),
             "metrics_unreadable": len(run.unreadable), "stages_not_run": len(missing), "not_run": missing,
             "figures": sum(why is None for why in made.values()), "diff_status": diff.status,
             "diff_rows": len(diff.rows)}

@@ -1,4 +1,4 @@
-"""From the pretext network to the Figure 6 network (paper section 4.3; METHOD.md "Transfer").
+"""From the pretext network to the Figure 6 network (paper section 4.3; docs/METHOD.md "Transfer").
 
 - The pretext tower's conv1..conv5 and fc6 are copied into the Figure 6 trunk (`ctxrepro.transfer.trunk`),
   fc6 as conv6; every copied weight is logged as a key map (`log_mapping`).
@@ -104,7 +104,7 @@ def fold_batchnorms(trunk: Trunk, folds: list[tuple[str, nn.Module]], stats: str
 @torch.no_grad()
 def set_input_norm(trunk: Trunk, images: Tensor, rms: float, batch: int = 64) -> None:
     """Dataset-wide mean, the spec's colour matrix, and the scale that gives `rms` over `images`
-    (the pretext patches were scaled to RMS 50 each, section 3 / METHOD.md). torchvision's networks get
+    (the pretext patches were scaled to RMS 50 each, section 3 / docs/METHOD.md). torchvision's networks get
     the normalisation they were trained with instead: (x / 255 - mean) / std."""
     norm = trunk.input
     if trunk.spec.color == TORCHVISION:
@@ -228,7 +228,7 @@ def _qualified(trunk: Trunk, head: Head) -> dict[str, str]:
 def convert(init: str, spec: TrunkSpec, tower: nn.Sequential | None, crops: CropSet, bn_stats: str, rms: float,
             cfg: RescaleConfig, seed: int, log: logging.Logger, device: str | torch.device = "cpu"
             ) -> tuple[Trunk, Head, list[dict[str, Any]], dict[str, Any]]:
-    """One initialisation of the Figure 6 network, the paper's R-CNN rows (METHOD.md "Transfer"):
+    """One initialisation of the Figure 6 network, the paper's R-CNN rows (docs/METHOD.md "Transfer"):
 
     scratch: Xavier everywhere. ours / imagenet: the tower's weights with BN folded, conv6b/fc7/fc8 Xavier.
     No rescaling (the rescale rows are `ctxrepro.transfer.caffenet`). Returns (trunk, head, weight mapping,

@@ -1,5 +1,5 @@
 """Data-dependent initialisation and rescaling (Kraehenbuehl et al. 2015, arXiv:1511.06856), as the paper's
-Table 1 "rescale" and "K-means" rows use it (section 4.3; METHOD.md "Transfer").
+Table 1 "rescale" and "K-means" rows use it (section 4.3; docs/METHOD.md "Transfer").
 
 A network here is a flat, ordered list of (name, module) run one after the other (`ctxrepro.transfer.convert`
 flattens the Figure 6 network into one). Weight layers are `nn.Conv2d` and `nn.Linear`.
@@ -44,8 +44,8 @@ class RescaleConfig:
     kmeans_samples: int = 100_000  # input vectors gathered per layer for whitening + k-means
     kmeans_iters: int = 20  # Lloyd iterations
     whiten_eps: float = 1e-3  # added to the covariance eigenvalues, relative to their mean
-    calib_iters: int = 10  # METHOD.md: at most 10 rescalings
-    calib_tol: float = 0.01  # METHOD.md: stop when all ratios are within 1% of their geometric mean
+    calib_iters: int = 10  # docs/METHOD.md: at most 10 rescalings
+    calib_tol: float = 0.01  # docs/METHOD.md: stop when all ratios are within 1% of their geometric mean
     calib_draws: int = 4  # Gaussian top gradients averaged per ratio measurement
 
 

@@ -1,6 +1,6 @@
 """Scene layout for the procedural images: sky, distant hills and ground outdoors; wall and floor indoors.
 
-METHOD.md ("Lessons from a tiny-world prototype"): most of the pretext signal on procedural scenes came from
+docs/METHOD.md ("The tiny-world prototype"): most of the pretext signal on procedural scenes came from
 scene layout (sky, ground, horizon, perspective), so the backgrounds carry that structure. Long straight
 lines that continue across the whole image would let the network read relative position across the gap
 (the shortcut the paper's gap and jitter block, section 3), so every long boundary is jittered.

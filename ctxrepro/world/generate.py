@@ -1,6 +1,6 @@
 """generate(): write the whole tiny world into one folder, under the real archives' names.
 
-The files are what the real fetch code downloads (DATA.md), plus world_index.json (the kind of every
+The files are what the real fetch code downloads (docs/DATA.md), plus world_index.json (the kind of every
 ImageNet and VOC image, keyed by its path under data/raw after extraction) and MD5SUMS.
 """
 

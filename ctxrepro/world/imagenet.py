@@ -1,5 +1,5 @@
 """ILSVRC2012 layout: a train tar of per-class tars (nXXXXXXXX.tar of nXXXXXXXX_<k>.JPEG) and a flat val tar
-of ILSVRC2012_val_%08d.JPEG, 1-based (DATA.md). Pretraining data for paper section 3.
+of ILSVRC2012_val_%08d.JPEG, 1-based (docs/DATA.md). Pretraining data for paper section 3.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """NYU Depth v2 layout: nyu_depth_v2_labeled.mat (MATLAB v7.3 = HDF5), splits.mat (v5), and the FAIR
-self-supervision benchmark's surface normal zip (paper section 4.2, Table 2; DATA.md).
+self-supervision benchmark's surface normal zip (paper section 4.2, Table 2; docs/DATA.md).
 
 h5py shows MATLAB arrays with their axes reversed, so an H x W x 3 x N MATLAB `images` reads as
 (N, 3, 640, 480): the writer stores each frame transposed, exactly as the real file reads.

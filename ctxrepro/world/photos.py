@@ -1,6 +1,6 @@
 """Real photographs that ship inside installed packages, and the image encoders every writer shares.
 
-METHOD.md: a handful of real photos used for training are simply memorised (0.96 train accuracy, chance
+docs/METHOD.md "The tiny-world prototype": a handful of real photos used for training are simply memorised (0.96 train accuracy, chance
 held out), so the world puts them where they probe transfer instead: the ImageNet val tar and the VOC 2011
 set (mining, paper section 4.5). A photo whose package or file is missing offline is skipped and counted.
 """
@@ -73,7 +73,7 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 
 def junk_variant(image: np.ndarray, reason: str, quality: int) -> bytes:
-    """The real ImageNet train tar's traps, made from a scene (DATA.md, 'Known traps').
+    """The real ImageNet train tar's traps, made from a scene (docs/DATA.md "Known traps").
 
     png: PNG data under a .JPEG name; cmyk: a CMYK JPEG; grayscale: a one-channel JPEG; truncated: a JPEG
     cut to 60% of its bytes; too_small: a 40x30 JPEG, too small for a 2x2 patch grid.

@@ -4,7 +4,7 @@ ImageNet-layout images hold one dominant object of their class; VOC-layout image
 exact boxes (from the drawn pixels), some truncated by the border or too small to count (difficult).
 Optional lateral chromatic aberration scales the green channel toward the image centre (paper section 3.1,
 "chromatic aberration"); the scene is rendered with a margin and cropped so that no empty border tells the
-network where a patch came from (METHOD.md).
+network where a patch came from (docs/METHOD.md).
 """
 
 from __future__ import annotations

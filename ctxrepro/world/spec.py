@@ -1,7 +1,7 @@
 """What the embedded tiny world holds: sizes, switches, and the fixed facts it shares with the real data.
 
 The tiny world stands in for ImageNet, PASCAL VOC 2007/2011 and NYUv2 (paper sections 4.1-4.3) in their
-exact on-disk formats, so that the real fetch code and loaders run on it (DATA.md).
+exact on-disk formats, so that the real fetch code and loaders run on it (docs/DATA.md).
 """
 
 from __future__ import annotations

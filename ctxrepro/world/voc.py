@@ -1,4 +1,4 @@
-"""PASCAL VOC devkit layout: VOC2007 trainval and test tars, and the VOC2011 TrainVal tar (DATA.md).
+"""PASCAL VOC devkit layout: VOC2007 trainval and test tars, and the VOC2011 TrainVal tar (docs/DATA.md).
 
 VOC 2007 is the detection benchmark of paper section 4.1 and the purity-coverage set of 4.5.1; VOC 2011
 is the mining set of section 4.5. Annotations follow the devkit: 1-based inclusive boxes, truncated and
