@@ -45,7 +45,8 @@ def fit_svm(pos: np.ndarray, neg: np.ndarray, cfg: SvmConfig, seed: int) -> tupl
     x = np.concatenate([pos, neg]).astype(np.float64)
     y = np.concatenate([np.ones(len(pos)), -np.ones(len(neg))])
     svc = LinearSVC(C=cfg.C, loss="hinge", dual=True, class_weight={1: cfg.pos_weight, -1: 1.0},
-                    intercept_scaling=cfg.bias_mult, tol=cfg.tol, max_iter=cfg.max_iter, random_state=seed)
+                    intercept_scaling=cfg.bias_mult, tol=cfg.tol, max_iter=cfg.max_iter,
+                    random_state=seed % 2**32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         svc.fit(x, y)
