@@ -33,6 +33,7 @@ from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.transfer.caffenet import load_converted
 from ctxrepro.transfer.convert import INITS
+from ctxrepro.transfer.imagenet import FAMILY
 from ctxrepro.transfer.trunk import Converted
 
 VOC07 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
@@ -108,6 +109,9 @@ class Params:
     protocol: dict[str, str] = param({i: "fast_rcnn" if INITS[i].network == "caffenet" else "rcnn" for i in INITS},
                                      help="per init: 'rcnn' (the paper's R-CNN rows) or 'fast_rcnn' (its rescale rows)")
     rcnn: RcnnParams = param(RcnnParams(), help="the R-CNN protocol's settings")
+    freeze: dict[str, tuple[str, ...]] = param({"alexnet": ("conv1",), "vgg16": ("conv1_1", "conv1_2", "conv2_1", "conv2_2")},
+                                               help="per tower family: conv layers the Fast R-CNN rescale rows keep "
+                                                    "fixed (fast-rcnn's CaffeNet / VGG16 train.prototxt: lr_mult 0)")
     profile_note: str = param("", help="what this profile scales down from the paper, copied to the metrics")
 
     def __post_init__(self) -> None:
@@ -182,17 +186,34 @@ def _score(p: Params, root: Path, out: Path, dets: dict, test_ids: list[str], lo
     return summary(per_class)
 
 
+def _freeze(p: Params, ckpt: Converted) -> list[str]:
+    """Fix the rescale rows' first conv layers (`freeze`, by tower family); returns their names."""
+    if ckpt.network != "caffenet":
+        return []
+    family = FAMILY.get(ckpt.trunk.spec.tower)
+    names = list(p.freeze.get(family, ()))
+    body = dict(ckpt.trunk.body.named_children())
+    missing = [n for n in names if n not in body]
+    if missing:
+        raise StageError(f"detect.freeze.{family}: no layer {missing} in the {ckpt.trunk.spec.tower} tower "
+                         f"(its layers: {', '.join(body)})")
+    for n in names:
+        body[n].requires_grad_(False)
+    return names
+
+
 def _fast_rcnn(p: Params, ctx: StageContext, ckpt: Converted, train_db: list, test_db: list, facts: dict):
     """Fast R-CNN: (model, detections, loss rows, metrics extras)."""
     model = FastRCNN(ckpt.trunk, ckpt.head, p.dropout, facts["box_regression"],
                      derive_seed(ctx.base.seed, DETECT_SEED, 1))
     model.to(ctx.device)
+    frozen = _freeze(p, ckpt)
     history = train(model, train_db, p.sampling(), p.solver(), derive_seed(ctx.base.seed, DETECT_SEED, 0),
                     ctx.device, ctx.log, ctx.root / STATE / p.row / "last.pt")
     dets = detect_all(model, test_db, p.test(), ctx.device, ctx.log)
     last = history[-1] if history else {}
     rows = [(h["iteration"], h["loss"], h["loss_cls"], h["loss_box"]) for h in history]
-    return model, dets, rows, {"iterations": p.iterations, "train_loss": last.get("loss"),
+    return model, dets, rows, {"iterations": p.iterations, "frozen": frozen, "train_loss": last.get("loss"),
                                "train_loss_cls": last.get("loss_cls"), "train_loss_box": last.get("loss_box")}
 
 

@@ -213,9 +213,12 @@ def test_detect_stage_fine_tunes_the_caffenet_rows_with_box_regression(world):
     assert (m["init"], m["network"], m["paper_row"], m["box_regression"]) == \
         ("kmeans_rescale", "caffenet", "K-means-rescale", True)
     assert m["protocol"] == "Fast R-CNN (with box regression), CaffeNet-shaped, k-means + rescale"
-    assert m["train_loss_box"] > 0.0
+    assert m["train_loss_box"] > 0.0 and m["frozen"] == ["conv1"]  # fast-rcnn's CaffeNet train.prototxt
     saved = torch.load(world / "models/detect/color_dropping-kmeans_rescale.pt", weights_only=True)
     assert saved["network"] == "caffenet" and "fc6.weight" in saved["model"] and "bbox_pred.weight" in saved["model"]
+    start = torch.load(world / detect.TRUNKS / "color_dropping-kmeans_rescale.pt", weights_only=True)["net"]
+    assert torch.equal(saved["model"]["trunk.body.conv1.weight"], start["body.conv1.weight"])
+    assert not torch.equal(saved["model"]["trunk.body.conv2.weight"], start["body.conv2.weight"])
 
 
 def test_detect_params_name_each_network():

@@ -118,3 +118,38 @@ def test_windows_are_labelled_by_best_overlap_and_batches_are_seeded(tmp_path):
     assert torch.equal(again[1][0], windows)
     draws = [data.draw(t) for t in range(3)]
     assert any(not np.array_equal(draws[0][3], d[3]) or not np.array_equal(draws[0][1], d[1]) for d in draws[1:])
+
+
+def test_imagenet_alexnet_row_is_torchvisions_alexnet_on_windows():
+    """ImageNet-R-CNN's network: conv1..fc7 equal torchvision's AlexNet (eval), pool5 included, at 227 px."""
+    import torchvision
+
+    from ctxrepro.transfer.caffenet import CaffeNetSpec, convert_alexnet
+    from ctxrepro.transfer.convert import CropSet
+    from ctxrepro.transfer.imagenet import from_torchvision, random_state_dict
+    from ctxrepro.transfer.trunk import Converted
+    from ctxrepro.detection.rcnn.net import WindowNet
+
+    log = logging.getLogger("test")
+    state, source = random_state_dict("alexnet")
+    net = from_torchvision(state, source, log)
+    fc7 = torch.nn.Linear(4096, 4096)
+    fc7.load_state_dict({"weight": net.classifier["fc7.weight"], "bias": net.classifier["fc7.bias"]})
+    net.tower.add_module("fc7", fc7)
+    crops = torch.zeros(2, 3, 227, 227)
+    spec = CaffeNetSpec(tower="tv_alexnet", width=64, roi_pool=6, fc6=4096, fc7=4096, classes=21, input_side=227,
+                        color="torchvision")
+    caffenet, mapping, _ = convert_alexnet(spec, net.tower, CropSet(crops, crops, crops), 50.0, 2, 0, log)
+    assert caffenet.fc.fc8.bias.abs().max() == 0 and 0.008 < caffenet.fc.fc8.weight.std() < 0.012
+    assert mapping[-1]["op"] == "new:gaussian(0.01)" and sum(m["op"] == "copy" for m in mapping) == 14
+    windows = torch.rand(3, 3, 227, 227) * 255
+    ours = WindowNet(Converted(caffenet, None, "imagenet_alexnet", mapping, source, {}, "caffenet"), 0.5).eval()
+    tv = torchvision.models.alexnet()
+    tv.load_state_dict(state)
+    tv.eval()
+    x = torchvision.transforms.functional.normalize(windows / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with torch.no_grad():
+        want = tv.classifier[:6](torch.flatten(tv.avgpool(tv.features(x)), 1))
+        got = ours.fc7_features(windows)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert ours.side == 227 and ours.fill == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255])
