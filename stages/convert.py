@@ -30,6 +30,7 @@ OUT_DIR = Path("models/convert")  # <row>.pt
 METRICS = Path("metrics/convert")  # <row>.json
 VOC2007 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
 RESIZED = Path("data/resized")
+ALEXNET_POOL5 = 6  # AlexNet's pool5 grid: fixed by its fc6, not a choice
 CONVERT_SEED = 40  # purpose keys of derive_seed: (seed, 40, 0) crops, (seed, 40, 1, i) the i-th init
 
 
@@ -226,10 +227,9 @@ def caffenet_spec(params: Params, config: dict) -> CaffeNetSpec:
 
 def alexnet_spec(params: Params, weights: torch.nn.Sequential | None) -> CaffeNetSpec:
     """torchvision's AlexNet as CaffeNet (R-CNN's own rows): its conv widths, fc6 and fc7 (ImageNet-R-CNN) or
-    convert's fc6 / fc7 sizes (Scratch-R-CNN), AlexNet's 6x6 pool5 and the Figure 6 input side."""
-    grid = params.roi_pool.get("alexnet")
-    if grid is None:
-        raise StageError("convert.roi_pool has no grid for the alexnet tower: add it")
+    convert's fc6 / fc7 sizes (Scratch-R-CNN), AlexNet's 6x6 pool5 (its fc6 takes 256 x 6 x 6) and the Figure 6
+    input side (227 px: conv5 13x13, where CaffeNet's adaptive 6x6 pool equals AlexNet's 3/2 pool5)."""
+    grid = ALEXNET_POOL5
     if weights is None:
         return CaffeNetSpec(tower=TOWER_OF["alexnet"], width=64, roi_pool=grid, fc6=params.fc6, fc7=params.fc7,
                             classes=params.classes, input_side=params.input_side)

@@ -66,7 +66,9 @@ class RcnnParams:
     lr_step: int = param(20000, min=1, help="iterations between x gamma drops (R-CNN: 20k)")
     fc8_lr_mult: float = param(10.0, min=0.0, help="the new fc8's rate multiplier (fc8_pascal: blobs_lr 10)")
     feature_batch: int = param(256, min=1, help="windows per forward pass when extracting fc7 (R-CNN: 256)")
-    cache_features: bool = param(True, help="keep fc7 per image in models/detect_state/<row>/fc7 (resumes)")
+    cache: str = param("trainval", choices=("none", "trainval", "all"),
+                       help="fc7 kept per image in models/detect_state/<row>/fc7 for: no split, the training split "
+                            "(read twice: norm and positives, then mining), or both splits (a resumed test pass)")
     svm: SvmConfig = param(SvmConfig(), help="rcnn_train.m: C, pos_weight, bias_mult, tol, max_iter, feat_norm, "
                                              "neg_overlap, hard_thresh, evict_thresh, retrain_limit")
 
@@ -138,7 +140,7 @@ class Params:
                                r.max_proposals)
         solver = FinetuneConfig(r.iterations, r.lr, r.lr_step, self.gamma, self.momentum, self.weight_decay,
                                 self.bias_lr_mult, r.fc8_lr_mult, self.log_every, self.checkpoint_every, self.workers)
-        return RcnnConfig(windows, solver, r.svm, self.dropout, r.feature_batch, r.cache_features, self.nms,
+        return RcnnConfig(windows, solver, r.svm, self.dropout, r.feature_batch, r.cache, self.nms,
                           self.max_per_class)
 
     def test(self) -> TestConfig:

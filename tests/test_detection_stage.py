@@ -156,7 +156,7 @@ def test_detect_stage_hand_checkable_outputs(world):
 
 def test_detect_stage_rcnn_protocol_end_to_end(world):
     # one proposal per test image, on its car: every car detection is a true positive whatever the SVMs learn
-    rcnn = detect.RcnnParams(pad=4, batch=8, iterations=3, feature_batch=16,
+    rcnn = detect.RcnnParams(pad=4, batch=8, iterations=3, feature_batch=16, cache="all",
                              svm=detect.SvmConfig(retrain_limit=5))
     params = _detect_params(protocol=detect.Params().protocol, rcnn=rcnn)
     detect.run(params, _ctx(world))

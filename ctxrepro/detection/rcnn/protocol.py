@@ -39,7 +39,7 @@ class RcnnConfig:
     svm: SvmConfig
     dropout: float = 0.5
     feature_batch: int = 256  # windows per forward pass when extracting fc7 (R-CNN: 256)
-    cache_features: bool = True
+    cache: str = "trainval"  # fc7 cached per image for: none, trainval (read twice), all (test too)
     nms: float = 0.3
     max_per_class: int = 100
 
@@ -61,11 +61,11 @@ class _Features:
         self.net, self.cfg, self.device, self.log, self.seconds, self.windows = net, cfg, device, log, 0.0, 0
         self.key = {"weights": digest(net.state_dict().values()), "side": net.side, "pad": cfg.windows.pad,
                     "max_proposals": cfg.windows.max_proposals}
-        self.state = state if cfg.cache_features else None
+        self.state = state
 
     def stream(self, entries: Sequence[Entry], split: str, with_gt: bool):
-        cache = None if self.state is None else FeatureCache(self.state / "fc7" / split, {**self.key, "split": split},
-                                                             self.log)
+        cached = self.state is not None and (self.cfg.cache == "all" or (self.cfg.cache == "trainval" and with_gt))
+        cache = FeatureCache(self.state / "fc7" / split, {**self.key, "split": split}, self.log) if cached else None
         mp = self.cfg.windows.max_proposals
         boxes_of = (lambda e: image_windows(e, mp)[0]) if with_gt else (lambda e: e.proposals[:mp] if mp else e.proposals)
         start = time.monotonic()
