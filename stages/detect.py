@@ -60,7 +60,7 @@ class RcnnParams:
     fg_thresh: float = param(0.5, min=0.0, max=1.0, help="foreground: IoU >= this (R-CNN: 0.5)")
     bg_hi: float = param(0.5, min=0.0, max=1.0, help="background: IoU < this (R-CNN: 0.5)")
     bg_lo: float = param(0.0, min=0.0, max=1.0, help="background: IoU >= this (R-CNN's window file: no bound)")
-    max_proposals: int = param(0, min=0, help="proposals per image used, the first ones (0 = all)")
+    max_proposals: int = param(0, min=0, help="proposals per image used, evenly spaced through the list (0 = all)")
     iterations: int = param(70000, min=1, help="SGD iterations (R-CNN README's VOC 2007 model: 70k)")
     lr: float = param(0.001, min=0.0, help="base learning rate (pascal_finetune_solver: 0.001)")
     lr_step: int = param(20000, min=1, help="iterations between x gamma drops (R-CNN: 20k)")

@@ -27,7 +27,7 @@ from ctxrepro.detection.rcnn.features import FeatureCache, stream_features
 from ctxrepro.detection.rcnn.finetune import FinetuneConfig, finetune
 from ctxrepro.detection.rcnn.net import WindowNet
 from ctxrepro.detection.rcnn.svm import SvmConfig, hard_negative_epoch, summary
-from ctxrepro.detection.rcnn.windows import WindowConfig, image_windows
+from ctxrepro.detection.rcnn.windows import WindowConfig, image_windows, subsample
 from ctxrepro.detection.roidb import Entry
 from ctxrepro.transfer.trunk import Converted
 
@@ -67,7 +67,7 @@ class _Features:
         cached = self.state is not None and (self.cfg.cache == "all" or (self.cfg.cache == "trainval" and with_gt))
         cache = FeatureCache(self.state / "fc7" / split, {**self.key, "split": split}, self.log) if cached else None
         mp = self.cfg.windows.max_proposals
-        boxes_of = (lambda e: image_windows(e, mp)[0]) if with_gt else (lambda e: e.proposals[:mp] if mp else e.proposals)
+        boxes_of = (lambda e: image_windows(e, mp)[0]) if with_gt else (lambda e: subsample(e.proposals, mp))
         start = time.monotonic()
         for e, boxes, feats in stream_features(self.net, entries, boxes_of, self.cfg.windows.pad,
                                                self.cfg.feature_batch, self.device, cache, self.log, f"fc7 {split}"):

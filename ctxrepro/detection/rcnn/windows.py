@@ -41,16 +41,24 @@ class WindowConfig:
     bg_hi: float = 0.5
     bg_lo: float = 0.0
     flip: bool = True
-    max_proposals: int = 0  # proposals per image used (the first ones); 0 = all
+    max_proposals: int = 0  # proposals per image used (`subsample`); 0 = all
 
     @property
     def fg_per_batch(self) -> int:
         return int(np.round(self.fg_fraction * self.batch))
 
 
+def subsample(proposals: np.ndarray, n: int) -> np.ndarray:
+    """At most `n` proposals (0: all), evenly spaced through the list: selective search lists similar boxes
+    together, so its first n miss most objects (tiny world, 30 of ~360: 11% recall at IoU 0.5; evenly spaced 86%)."""
+    if n <= 0 or len(proposals) <= n:
+        return proposals
+    return proposals[np.linspace(0, len(proposals) - 1, n).round().astype(np.int64)]
+
+
 def image_windows(entry: Entry, max_proposals: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(boxes (G + P, 4): ground truth then proposals, best-overlap class (0 when no gt), best IoU)."""
-    props = entry.proposals[:max_proposals] if max_proposals > 0 else entry.proposals
+    props = subsample(entry.proposals, max_proposals)
     boxes = np.concatenate([entry.gt_boxes, props]).reshape(-1, 4)
     if len(entry.gt_boxes) == 0:
         return boxes, np.zeros(len(boxes), dtype=np.int64), np.zeros(len(boxes))
