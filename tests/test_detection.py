@@ -204,13 +204,18 @@ def test_paper_rows_and_markdown():
     assert table.paper_row("ours", "alexnet", "none") == "Ours-color-dropping"
     assert table.paper_row("ours_rescale", "vgg16", "none") == "VGG-Ours-rescale"
     assert table.paper_row("scratch", "vgg16", "none") is None
-    assert table.paper_row("imagenet", "alexnet", "none") == "ImageNet-R-CNN"
+    assert table.paper_row("imagenet_alexnet", "tv_alexnet", "torchvision") == "ImageNet-R-CNN"
+    assert table.paper_row("scratch_alexnet", "tv_alexnet", "none") == "Scratch-R-CNN"
+    assert table.paper_row("imagenet", "tv_alexnet", "torchvision") is None  # Figure 6's head: Table 2 only
     assert table.paper_row("imagenet_rescale", "alexnet", "none") == "ImageNet-rescale"
     assert table.paper_row("imagenet_rescale", "vgg16", "none") == "VGG-ImageNet-rescale"
+    assert table.paper_row("imagenet_rescale", "tv_vgg16", "torchvision") == "VGG-ImageNet-rescale"
     assert table.paper_row("kmeans_rescale", "small", "none") == "K-means-rescale"
     assert table.paper_row("ours_rescale", "alexnet", "projection") is None  # the paper rescaled colour dropping
     assert table.protocol("figure6", False) == "Fast R-CNN training, R-CNN-style rows (no box regression)"
     assert table.protocol("caffenet", True) == "Fast R-CNN (with box regression), CaffeNet-shaped, k-means + rescale"
+    assert table.protocol("figure6", False, "rcnn") == table.protocol("caffenet", False, "rcnn") == \
+        "R-CNN: warped windows, fc7 SVMs (no box regression)"
     assert all(len(v) == 21 for v in table.PAPER_TABLE1.values())
     # the paper's mAP column is the mean of its 20 APs (to Table 1's rounding)
     for row in table.PAPER_TABLE1.values():

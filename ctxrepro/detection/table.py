@@ -51,7 +51,7 @@ RCNN = "R-CNN: warped windows, fc7 SVMs (no box regression)"
 def paper_row(init: str, tower: str, color: str) -> str | None:
     """The Table 1 row an initialisation reproduces (None: the paper has no such row, e.g. VGG from scratch,
     or the rescale network on the colour-projection pretraining)."""
-    if tower == "vgg16":
+    if tower in ("vgg16", "tv_vgg16"):  # tv_vgg16: torchvision's VGG-16 (the VGG-ImageNet-rescale checkpoint's tower)
         return {"ours_rescale": "VGG-Ours-rescale", "kmeans_rescale": "VGG-K-means-rescale",
                 "imagenet_rescale": "VGG-ImageNet-rescale"}.get(init)
     if init == "ours":  # the R-CNN rows: projection or colour dropping, BN folded, no rescale
