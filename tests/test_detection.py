@@ -137,7 +137,8 @@ def _tiny_model(box_regression: bool) -> FastRCNN:
 def test_model_shapes_and_roi_pooling_per_image():
     model = _tiny_model(True)
     assert (model.pool_side, model.spatial_scale) == (4, 1 / 8)  # 64 px: pool5 4x4; conv5 stride 8
-    images = [torch.rand(3, 48, 64) * 255, torch.rand(3, 40, 40) * 255]
+    gen = torch.Generator().manual_seed(0)  # fixed images: the comparison below must not depend on test order
+    images = [torch.rand(3, 48, 64, generator=gen) * 255, torch.rand(3, 40, 40, generator=gen) * 255]
     rois = [torch.tensor([[0.0, 0.0, 63.0, 47.0], [8.0, 8.0, 23.0, 23.0]]), torch.tensor([[0.0, 0.0, 39.0, 39.0]])]
     out = model(images, rois)
     assert out.scores.shape == (3, 21) and out.deltas.shape == (3, 84)

@@ -107,8 +107,9 @@ def _entry(tmp_path, gt, gt_classes, proposals) -> Entry:
 
 def test_windows_are_labelled_by_best_overlap_and_batches_are_seeded(tmp_path):
     e = _entry(tmp_path, [[10, 10, 29, 29]], [7], [[10, 10, 29, 31], [50, 40, 70, 55], [12, 10, 29, 29]])
-    boxes, labels, best = image_windows(e, 2)  # gt first, then the first 2 proposals
-    assert len(boxes) == 3 and labels.tolist() == [7, 7, 7] and best[0] == 1.0 and best[2] == 0.0
+    boxes, labels, best = image_windows(e, 2)  # gt first, then 2 proposals evenly spaced: the first and last
+    assert np.array_equal(boxes, np.array([[10, 10, 29, 29], [10, 10, 29, 31], [12, 10, 29, 29]], float))
+    assert labels.tolist() == [7, 7, 7] and best[0] == 1.0 and best[1] == pytest.approx(400 / 440)
     cfg = WindowConfig(pad=2, batch=8, fg_fraction=0.25, max_proposals=0)
     data = WindowBatches([e], cfg, 16, (0.0, 0.0, 0.0), seed=5, iterations=3)
     assert len(data.pool.fg_image) == 3 and len(data.pool.bg_image) == 1
