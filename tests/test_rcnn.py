@@ -154,3 +154,23 @@ def test_imagenet_alexnet_row_is_torchvisions_alexnet_on_windows():
         got = ours.fc7_features(windows)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert ours.side == 227 and ours.fill == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255])
+
+
+def test_subsample_is_evenly_spaced():
+    from ctxrepro.detection.rcnn.windows import subsample
+
+    p = np.arange(10, dtype=float).repeat(4).reshape(10, 4)  # row i holds i
+    assert subsample(p, 4)[:, 0].tolist() == [0.0, 3.0, 6.0, 9.0]  # linspace(0, 9, 4)
+    assert subsample(p, 0) is p and subsample(p, 10) is p
+
+
+def test_feature_cache_is_emptied_for_other_weights(tmp_path):
+    from ctxrepro.detection.rcnn.features import FeatureCache
+
+    log = logging.getLogger("test")
+    cache = FeatureCache(tmp_path / "fc7", {"weights": "a"}, log)
+    cache.put("000001", np.ones((3, 2), np.float16))
+    assert FeatureCache(tmp_path / "fc7", {"weights": "a"}, log).get("000001", 3).tolist() == [[1.0, 1.0]] * 3
+    assert cache.get("000001", 4) is None  # another proposal count: recomputed
+    assert FeatureCache(tmp_path / "fc7", {"weights": "b"}, log).get("000001", 3) is None
+    assert not (tmp_path / "fc7" / "000001.npy").exists()

@@ -1,7 +1,8 @@
 """One linear SVM per class on fc7, trained as R-CNN's rcnn_train.m trains them (section 4.3 via [21]).
 
 - Features are scaled so that their average L2 norm over the training windows is `feat_norm` (20,
-  rcnn_scale_features.m).
+  rcnn_scale_features.m). The average is over every training window; rcnn_feature_stats.m estimates the same
+  mean from 200 random windows of 200 random images.
 - liblinear's L2-regularised L1-loss (hinge) SVM (`-s 3`), C = 1e-3, positive loss weight 2 (`-w1 2`), bias
   term from a constant feature of 10 (`-B 10`; the intercept is regularised like any weight), through
   scikit-learn's LinearSVC (liblinear). Tolerance 0.1: liblinear's default for `-s 3`, which R-CNN kept.
