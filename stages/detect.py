@@ -231,7 +231,7 @@ def _rcnn(p: Params, ctx: StageContext, ckpt: Converted, train_db: list, test_db
         "iterations": p.rcnn.iterations, "train_loss": last.get("loss"), "train_loss_cls": last.get("loss"),
         "train_loss_box": None, "svm": out.svm, "hard_negatives": out.svm["hard_negatives"],
         "windows": {"side": out.net.side, "pad": p.rcnn.pad, "batch": p.rcnn.batch,
-                    "max_proposals": p.rcnn.max_proposals, "features": out.feature_windows,
+                    "max_proposals": p.rcnn.max_proposals, "features_computed": out.feature_windows,
                     "feature_seconds": round(out.feature_seconds, 2),
                     "feature_windows_per_second": None if rate is None else round(rate, 1)}}
 

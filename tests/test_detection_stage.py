@@ -178,8 +178,14 @@ def test_detect_stage_rcnn_protocol_end_to_end(world):
     for row in _lines(results / "comp4_det_test_car.txt"):
         x1, y1, x2, y2 = IMAGES[row[0]][1][0][1]
         assert [float(v) for v in row[2:]] == [x1 + 1, y1 + 1, x2 + 1, y2 + 1]
+    from ctxrepro.detection.roidb import load_roidb
+
+    train_db = load_roidb(world / detect.VOC07, "trainval", world / detect.PROPOSALS)
+    assert m["windows"]["features_computed"] == sum(len(e.gt_boxes) + len(e.proposals) for e in train_db) + 4
     detect.run(params, _ctx(world))  # resumed at its end, features read back from the cache: same files
     assert {f.name: f.read_bytes() for f in sorted(results.glob("comp4_det_test_*.txt"))} == first
+    again = json.loads((world / "metrics/detect/color_dropping-scratch.json").read_text())
+    assert again["windows"]["features_computed"] == 0 and again["map"] == m["map"]
 
 
 def test_detect_stage_with_box_regression_keeps_boxes_in_the_image(world):

@@ -67,14 +67,15 @@ class FeatureCache:
 
 def stream_features(net: WindowNet, entries: Sequence[Entry], boxes_of: Callable[[Entry], np.ndarray], pad: int,
                     batch: int, device: str | torch.device, cache: FeatureCache | None, log: logging.Logger,
-                    desc: str) -> Iterator[tuple[Entry, np.ndarray, np.ndarray]]:
-    """(entry, its boxes, their float32 fc7) per image, in order; from the cache where it holds them."""
+                    desc: str) -> Iterator[tuple[Entry, np.ndarray, np.ndarray, bool]]:
+    """(entry, its boxes, their float32 fc7, computed here (not read from the cache)) per image, in order."""
     net.eval()
     for e in track(entries, desc=desc, unit="img", log=log):
         boxes = boxes_of(e)
         feats = cache.get(e.image_id, len(boxes)) if cache is not None else None
-        if feats is None:
+        computed = feats is None
+        if computed:
             feats = window_features(net, read_rgb(e.path, e.height, e.width), boxes, pad, batch, device)
             if cache is not None:
                 cache.put(e.image_id, feats)
-        yield e, boxes, feats.astype(np.float32)
+        yield e, boxes, feats.astype(np.float32), computed

@@ -55,7 +55,7 @@ class RcnnRun:
 
 
 class _Features:
-    """The fc7 streams of one run, counting the windows and seconds spent computing them."""
+    """The fc7 streams of one run, counting the windows computed (not read back from the cache) and their seconds."""
 
     def __init__(self, net: WindowNet, cfg: RcnnConfig, state: Path | None, device, log: logging.Logger):
         self.net, self.cfg, self.device, self.log, self.seconds, self.windows = net, cfg, device, log, 0.0, 0
@@ -69,10 +69,12 @@ class _Features:
         mp = self.cfg.windows.max_proposals
         boxes_of = (lambda e: image_windows(e, mp)[0]) if with_gt else (lambda e: subsample(e.proposals, mp))
         start = time.monotonic()
-        for e, boxes, feats in stream_features(self.net, entries, boxes_of, self.cfg.windows.pad,
-                                               self.cfg.feature_batch, self.device, cache, self.log, f"fc7 {split}"):
-            self.seconds += time.monotonic() - start
-            self.windows += len(boxes)
+        for e, boxes, feats, computed in stream_features(self.net, entries, boxes_of, self.cfg.windows.pad,
+                                                         self.cfg.feature_batch, self.device, cache, self.log,
+                                                         f"fc7 {split}"):
+            if computed:  # the rate counts extraction only, not cache reads
+                self.seconds += time.monotonic() - start
+                self.windows += len(boxes)
             yield e, boxes, feats
             start = time.monotonic()
 
