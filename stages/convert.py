@@ -19,7 +19,7 @@ from ctxrepro.pretext.model import conv_output
 from ctxrepro.progress import track
 from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
-from ctxrepro.transfer.caffenet import CaffeNetSpec, convert_caffenet, save_caffenet
+from ctxrepro.transfer.caffenet import CaffeNetSpec, convert_alexnet, convert_caffenet, save_caffenet
 from ctxrepro.transfer.convert import INITS, CropSet, convert, load_pretext_tower, log_mapping, sample_crops
 from ctxrepro.transfer.imagenet import FAMILY, TORCHVISION, TOWER_OF, load_imagenet
 from ctxrepro.transfer.rescale import RescaleConfig
@@ -30,6 +30,7 @@ OUT_DIR = Path("models/convert")  # <row>.pt
 METRICS = Path("metrics/convert")  # <row>.json
 VOC2007 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
 RESIZED = Path("data/resized")
+ALEXNET_POOL5 = 6  # AlexNet's pool5 grid: fixed by its fc6, not a choice
 CONVERT_SEED = 40  # purpose keys of derive_seed: (seed, 40, 0) crops, (seed, 40, 1, i) the i-th init
 
 
@@ -224,6 +225,24 @@ def caffenet_spec(params: Params, config: dict) -> CaffeNetSpec:
                         color=_color(config))
 
 
+def alexnet_spec(params: Params, weights: torch.nn.Sequential | None) -> CaffeNetSpec:
+    """torchvision's AlexNet as CaffeNet (R-CNN's own rows): its conv widths, fc6 and fc7 (ImageNet-R-CNN) or
+    convert's fc6 / fc7 sizes (Scratch-R-CNN), AlexNet's 6x6 pool5 (its fc6 takes 256 x 6 x 6) and the Figure 6
+    input side (227 px: conv5 13x13, where CaffeNet's adaptive 6x6 pool equals AlexNet's 3/2 pool5)."""
+    grid = ALEXNET_POOL5
+    if weights is None:
+        return CaffeNetSpec(tower=TOWER_OF["alexnet"], width=64, roi_pool=grid, fc6=params.fc6, fc7=params.fc7,
+                            classes=params.classes, input_side=params.input_side)
+    convs = [m for m in weights if isinstance(m, torch.nn.Conv2d)]
+    fc7 = getattr(weights, "fc7", None)
+    if len(convs) != 5 or fc7 is None:
+        raise StageError("convert.imagenet_weights: the AlexNet rows need torchvision's AlexNet with its fc7 "
+                         "('torchvision:alexnet', 'random:alexnet' or a torchvision AlexNet state dict)")
+    return CaffeNetSpec(tower=TOWER_OF["alexnet"], width=convs[0].out_channels, roi_pool=grid,
+                        fc6=weights.fc6.out_features, fc7=fc7.out_features, classes=params.classes,
+                        input_side=params.input_side, color=TORCHVISION)
+
+
 def _color(config: dict) -> str:
     return config["color"] if config.get("color") in ("projection", TORCHVISION) else "none"
 
@@ -245,6 +264,12 @@ def run(params: Params, ctx: StageContext) -> None:
             log_mapping(mapping, log, params.row)
             save_checkpoint(out, trunk, head, row.init, mapping, source, stats)
             shape = {"pool5_side": trunk.pool5_side, "conv5_stride": trunk.conv5_stride}
+        elif init.network == "alexnet":
+            net, mapping, stats = convert_alexnet(alexnet_spec(params, weights), weights, crops, params.rms,
+                                                  params.batch, row_seed, log)
+            log_mapping(mapping, log, params.row)
+            save_caffenet(out, net, row.init, mapping, source, stats)
+            shape = {"pool5_side": net.pool5_side, "conv5_stride": net.conv5_stride}
         else:
             net, mapping, stats = convert_caffenet(row.init, caffenet_spec(params, config), weights,
                                                    row.init == "imagenet_rescale", crops, params.bn_stats,

@@ -270,6 +270,32 @@ def test_convert_stage_writes_one_row(tmp_path, init, network):
         assert np.isfinite(metrics["stats"]["fold_heldout"]["conv6"]["std_mean"])
 
 
+@pytest.mark.slow
+def test_convert_stage_alexnet_rows(tmp_path):
+    """ImageNet-R-CNN: torchvision's AlexNet with its fc6 and fc7 and a new fc8; Scratch-R-CNN: its shape only."""
+    from stages.convert import Row, run
+
+    write_world(tmp_path)
+    rows = {f"color_dropping-{i}": Row("color_dropping", i) for i in ("imagenet_alexnet", "scratch_alexnet")}
+    ctx = StageContext(base=BaseParams(seed=1), device="cpu", log=LOG, root=tmp_path)
+    for init in ("imagenet_alexnet", "scratch_alexnet"):
+        run(stage_params(init, rows=rows, imagenet_weights="random:alexnet"), ctx)
+    imagenet = load_converted(tmp_path / "models/convert/color_dropping-imagenet_alexnet.pt")
+    scratch = load_converted(tmp_path / "models/convert/color_dropping-scratch_alexnet.pt")
+    from ctxrepro.transfer.imagenet import random_state_dict
+
+    state, _ = random_state_dict("alexnet")
+    net = imagenet.trunk
+    assert torch.equal(net.fc.fc6.weight, state["classifier.1.weight"])
+    assert torch.equal(net.fc.fc7.weight, state["classifier.4.weight"])
+    assert torch.equal(net.body.conv1.weight, state["features.0.weight"])
+    assert net.fc.fc8.weight.shape == (21, 4096) and net.spec.color == "torchvision" and net.spec.roi_pool == 6
+    assert imagenet.source["random"] == "alexnet" and imagenet.source["variant"] == "color_dropping"
+    spec = scratch.trunk.spec
+    assert (spec.tower, spec.width, spec.fc6, spec.fc7, spec.color) == ("tv_alexnet", 64, 10, 12, "none")
+    assert scratch.init == "scratch_alexnet" and scratch.network == "caffenet"
+
+
 def test_stage_errors_name_the_problem(tmp_path):
     from stages.convert import run
 

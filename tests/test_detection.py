@@ -137,7 +137,8 @@ def _tiny_model(box_regression: bool) -> FastRCNN:
 def test_model_shapes_and_roi_pooling_per_image():
     model = _tiny_model(True)
     assert (model.pool_side, model.spatial_scale) == (4, 1 / 8)  # 64 px: pool5 4x4; conv5 stride 8
-    images = [torch.rand(3, 48, 64) * 255, torch.rand(3, 40, 40) * 255]
+    gen = torch.Generator().manual_seed(0)  # fixed images: the comparison below must not depend on test order
+    images = [torch.rand(3, 48, 64, generator=gen) * 255, torch.rand(3, 40, 40, generator=gen) * 255]
     rois = [torch.tensor([[0.0, 0.0, 63.0, 47.0], [8.0, 8.0, 23.0, 23.0]]), torch.tensor([[0.0, 0.0, 39.0, 39.0]])]
     out = model(images, rois)
     assert out.scores.shape == (3, 21) and out.deltas.shape == (3, 84)
@@ -204,13 +205,18 @@ def test_paper_rows_and_markdown():
     assert table.paper_row("ours", "alexnet", "none") == "Ours-color-dropping"
     assert table.paper_row("ours_rescale", "vgg16", "none") == "VGG-Ours-rescale"
     assert table.paper_row("scratch", "vgg16", "none") is None
-    assert table.paper_row("imagenet", "alexnet", "none") == "ImageNet-R-CNN"
+    assert table.paper_row("imagenet_alexnet", "tv_alexnet", "torchvision") == "ImageNet-R-CNN"
+    assert table.paper_row("scratch_alexnet", "tv_alexnet", "none") == "Scratch-R-CNN"
+    assert table.paper_row("imagenet", "tv_alexnet", "torchvision") is None  # Figure 6's head: Table 2 only
     assert table.paper_row("imagenet_rescale", "alexnet", "none") == "ImageNet-rescale"
     assert table.paper_row("imagenet_rescale", "vgg16", "none") == "VGG-ImageNet-rescale"
+    assert table.paper_row("imagenet_rescale", "tv_vgg16", "torchvision") == "VGG-ImageNet-rescale"
     assert table.paper_row("kmeans_rescale", "small", "none") == "K-means-rescale"
     assert table.paper_row("ours_rescale", "alexnet", "projection") is None  # the paper rescaled colour dropping
     assert table.protocol("figure6", False) == "Fast R-CNN training, R-CNN-style rows (no box regression)"
     assert table.protocol("caffenet", True) == "Fast R-CNN (with box regression), CaffeNet-shaped, k-means + rescale"
+    assert table.protocol("figure6", False, "rcnn") == table.protocol("caffenet", False, "rcnn") == \
+        "R-CNN: warped windows, fc7 SVMs (no box regression)"
     assert all(len(v) == 21 for v in table.PAPER_TABLE1.values())
     # the paper's mAP column is the mean of its 20 APs (to Table 1's rounding)
     for row in table.PAPER_TABLE1.values():

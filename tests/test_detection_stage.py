@@ -105,8 +105,10 @@ def _ctx(root: Path) -> StageContext:
 
 
 def _detect_params(**kw) -> detect.Params:
+    """Fast R-CNN on every row (the R-CNN protocol's test sets `protocol` itself)."""
     base = dict(row="color_dropping-scratch", classes=("car", "bus"), scale=64, max_size=100, iterations=3,
-                rois_per_image=16, score_thresh=0.0, lr=0.01, log_every=1, workers=1, profile_note="unit test")
+                rois_per_image=16, score_thresh=0.0, lr=0.01, log_every=1, workers=1, profile_note="unit test",
+                protocol={i: "fast_rcnn" for i in detect.Params().protocol})
     return detect.Params(**{**base, **kw})
 
 
@@ -153,6 +155,40 @@ def test_detect_stage_hand_checkable_outputs(world):
     assert {f.name: f.read_bytes() for f in sorted(results.glob("comp4_det_test_*.txt"))} == first
 
 
+def test_detect_stage_rcnn_protocol_end_to_end(world):
+    # one proposal per test image, on its car: every car detection is a true positive whatever the SVMs learn
+    rcnn = detect.RcnnParams(pad=4, batch=8, iterations=3, feature_batch=16, cache="all",
+                             svm=detect.SvmConfig(retrain_limit=5))
+    params = _detect_params(protocol=detect.Params().protocol, rcnn=rcnn)
+    detect.run(params, _ctx(world))
+    m = json.loads((world / "metrics/detect/color_dropping-scratch.json").read_text())
+    assert m["ap"] == {"car": 1.0, "bus": 0.0} and m["map"] == 0.5
+    assert (m["detect_protocol"], m["protocol"], m["box_regression"], m["iterations"]) == \
+        ("rcnn", "R-CNN: warped windows, fc7 SVMs (no box regression)", False, 3)
+    assert m["detections"] == 4 * 2  # one proposal per test image, scored by the car and bus SVMs
+    svm = m["svm"]
+    assert svm["settings"]["C"] == 0.001 and svm["settings"]["bias_mult"] == 10.0 and svm["settings"]["epochs"] == 1
+    assert m["hard_negatives"] == sum(c["hard_negatives"] for c in svm["per_class"].values())
+    assert svm["per_class"]["car"]["positives"] == 4 and svm["per_class"]["bus"]["positives"] == 3  # not difficult
+    assert m["windows"]["side"] == 64 and m["windows"]["pad"] == 4
+    state = world / "models/detect_state/color_dropping-scratch"
+    assert len(list((state / "fc7/trainval").glob("*.npy"))) == 6 and len(list((state / "fc7/test").glob("*.npy"))) == 4
+    assert len((world / "plots/detect/color_dropping-scratch/loss.csv").read_text().splitlines()) == 1 + 3
+    results = world / "results/detect/color_dropping-scratch"
+    first = {f.name: f.read_bytes() for f in sorted(results.glob("comp4_det_test_*.txt"))}
+    for row in _lines(results / "comp4_det_test_car.txt"):
+        x1, y1, x2, y2 = IMAGES[row[0]][1][0][1]
+        assert [float(v) for v in row[2:]] == [x1 + 1, y1 + 1, x2 + 1, y2 + 1]
+    from ctxrepro.detection.roidb import load_roidb
+
+    train_db = load_roidb(world / detect.VOC07, "trainval", world / detect.PROPOSALS)
+    assert m["windows"]["features_computed"] == sum(len(e.gt_boxes) + len(e.proposals) for e in train_db) + 4
+    detect.run(params, _ctx(world))  # resumed at its end, features read back from the cache: same files
+    assert {f.name: f.read_bytes() for f in sorted(results.glob("comp4_det_test_*.txt"))} == first
+    again = json.loads((world / "metrics/detect/color_dropping-scratch.json").read_text())
+    assert again["windows"]["features_computed"] == 0 and again["map"] == m["map"]
+
+
 def test_detect_stage_with_box_regression_keeps_boxes_in_the_image(world):
     # give the test images the training-style proposals: many overlapping boxes, so NMS and the cap matter
     rng = np.random.default_rng(1)
@@ -184,14 +220,21 @@ def test_detect_stage_fine_tunes_the_caffenet_rows_with_box_regression(world):
     assert (m["init"], m["network"], m["paper_row"], m["box_regression"]) == \
         ("kmeans_rescale", "caffenet", "K-means-rescale", True)
     assert m["protocol"] == "Fast R-CNN (with box regression), CaffeNet-shaped, k-means + rescale"
-    assert m["train_loss_box"] > 0.0
+    assert m["train_loss_box"] > 0.0 and m["frozen"] == ["conv1"]  # fast-rcnn's CaffeNet train.prototxt
     saved = torch.load(world / "models/detect/color_dropping-kmeans_rescale.pt", weights_only=True)
     assert saved["network"] == "caffenet" and "fc6.weight" in saved["model"] and "bbox_pred.weight" in saved["model"]
+    start = torch.load(world / detect.TRUNKS / "color_dropping-kmeans_rescale.pt", weights_only=True)["net"]
+    assert torch.equal(saved["model"]["trunk.body.conv1.weight"], start["body.conv1.weight"])
+    assert not torch.equal(saved["model"]["trunk.body.conv2.weight"], start["body.conv2.weight"])
 
 
 def test_detect_params_name_each_network():
     with pytest.raises(ValueError, match=r"box_regression: give true/false for each of figure6, caffenet"):
         _detect_params(box_regression={"figure6": False})
+    with pytest.raises(ValueError, match=r"protocol: give one of rcnn, fast_rcnn for each init"):
+        _detect_params(protocol={"scratch": "rcnn"})
+    with pytest.raises(ValueError, match=r"protocol: give one of rcnn, fast_rcnn"):
+        _detect_params(protocol={i: "svm" for i in detect.Params().protocol})
 
 
 def test_proposals_stage_opencv_and_detect_errors(tmp_path):

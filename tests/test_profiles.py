@@ -29,6 +29,7 @@ COUNTS = {
     "mine.html_thumbnails", "mine.eval_constellations", "mine.workers",
     "proposals.workers",
     "detect.iterations", "detect.lr_step", "detect.log_every", "detect.checkpoint_every", "detect.workers",
+    "detect.rcnn.max_proposals", "detect.rcnn.iterations", "detect.rcnn.lr_step",
     "normals.kmeans_samples", "normals.steps", "normals.batch", "normals.log_every", "normals.checkpoint_every",
     "normals.eval_batch", "normals.examples",
 }

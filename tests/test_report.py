@@ -350,12 +350,18 @@ def test_every_row_the_profile_builds_is_labelled_with_its_table_row(profile):
     params = load_yaml(Path(__file__).parents[1] / "profiles" / f"{profile}.yaml")
     pre = parse_dataclass(PretrainParams, params["pretrain"], "pretrain")
     rows = params["convert"]["rows"]
+    table1 = set()
     for name, r in rows.items():
         variant = resolve_variant(pre, r["variant"])
         label = paper_row(r["init"], variant.tower, variant.color)
-        assert label is not None and P.TABLE1_INIT[label] == name, name
-    built = set(rows) if profile == "paper" else set(rows) | {r for r in P.TABLE1_INIT.values() if "imagenet" in r}
-    assert built == set(P.TABLE1_INIT.values())
+        if label is None:  # Table 2's ImageNet row: torchvision's conv layers under Figure 6's head
+            assert r["init"] == "imagenet" and name in P.TABLE2_INIT.values(), name
+            continue
+        assert P.TABLE1_INIT[label] == name, name
+        table1.add(name)
+    # the tiny world has no ImageNet weights, and AlexNet on 227 px windows is past its CPU budget
+    skipped = {r for r in P.TABLE1_INIT.values() if "imagenet" in r or "alexnet" in r}
+    assert (table1 if profile == "paper" else table1 | skipped) == set(P.TABLE1_INIT.values())
     normals = set(params["normals"]["rows"])
     assert normals <= set(rows)
     assert normals == (set(P.TABLE2_INIT.values()) if profile == "paper" else

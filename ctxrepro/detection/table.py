@@ -42,26 +42,33 @@ PAPER_TABLE1: dict[str, tuple[float, ...]] = {
     "VGG-ImageNet-rescale": (76.6, 79.6, 68.5, 57.4, 40.8, 79.9, 78.4, 85.4, 41.7, 77.0, 69.3, 80.1, 78.6, 74.6,
                              70.1, 37.5, 66.0, 67.5, 77.4, 64.9, 68.6),
 }
-INIT_ORDER = ("scratch", "ours", "imagenet", "kmeans_rescale", "ours_rescale", "imagenet_rescale")
+INIT_ORDER = ("scratch_alexnet", "scratch", "ours", "imagenet_alexnet", "imagenet", "kmeans_rescale", "ours_rescale",
+              "imagenet_rescale")
 RCNN_STYLE = "Fast R-CNN training, R-CNN-style rows (no box regression)"
+RCNN = "R-CNN: warped windows, fc7 SVMs (no box regression)"
 
 
 def paper_row(init: str, tower: str, color: str) -> str | None:
     """The Table 1 row an initialisation reproduces (None: the paper has no such row, e.g. VGG from scratch,
     or the rescale network on the colour-projection pretraining)."""
-    if tower == "vgg16":
+    if tower in ("vgg16", "tv_vgg16"):  # tv_vgg16: torchvision's VGG-16 (the VGG-ImageNet-rescale checkpoint's tower)
         return {"ours_rescale": "VGG-Ours-rescale", "kmeans_rescale": "VGG-K-means-rescale",
                 "imagenet_rescale": "VGG-ImageNet-rescale"}.get(init)
     if init == "ours":  # the R-CNN rows: projection or colour dropping, BN folded, no rescale
         return "Ours-projection" if color == "projection" else "Ours-color-dropping"
     if init == "ours_rescale" and color == "projection":  # the paper's rescale row used colour dropping
         return None
-    return {"scratch": "Scratch-Ours", "imagenet": "ImageNet-R-CNN", "ours_rescale": "Ours-rescale",
+    # imagenet (torchvision's conv layers under Figure 6's head) is no paper row: ImageNet-R-CNN keeps AlexNet's
+    # own fc6 and fc7 (imagenet_alexnet)
+    return {"scratch": "Scratch-Ours", "imagenet_alexnet": "ImageNet-R-CNN", "scratch_alexnet": "Scratch-R-CNN",
+            "ours_rescale": "Ours-rescale",
             "kmeans_rescale": "K-means-rescale", "imagenet_rescale": "ImageNet-rescale"}.get(init)
 
 
-def protocol(network: str, box_regression: bool) -> str:
-    """How a row was fine-tuned, as REPORT.md labels it."""
+def protocol(network: str, box_regression: bool, name: str = "fast_rcnn") -> str:
+    """How a row was fine-tuned and tested (`name`: detect.protocol's value), as REPORT.md labels it."""
+    if name == "rcnn":
+        return RCNN
     if network == "figure6" and not box_regression:
         return RCNN_STYLE  # a documented substitution for R-CNN's SVMs on fc7
     shape = "CaffeNet-shaped, k-means + rescale" if network == "caffenet" else "Figure 6 network"

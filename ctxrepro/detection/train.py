@@ -95,6 +95,7 @@ def run_record(model: FastRCNN, entries: Sequence[Entry], sampling: SamplingConf
     roidb = [np.array([e.image_id for e in entries]), np.array([(e.height, e.width) for e in entries])]
     roidb += [a for e in entries for a in (e.gt_boxes, e.gt_classes, e.proposals)]
     return {**asdict(solver), **asdict(sampling), "seed": seed, "dropout": model.drop7.p,
+            "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
             "start_weights": digest(model.state_dict().values()), "roidb": digest(roidb)}
 
 

@@ -50,7 +50,7 @@ def list_states(root: Path, current: Mapping[str, dict] | None = None) -> list[d
                 rows.append(_folder_row(stage, instance_dir.name, instance_dir, loose, current))
             for folder in sorted(d for d in instance_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
                 files = [f for f in folder.rglob("*") if f.is_file()]
-                if files:
+                if any(f.parent == folder and f.name.startswith((LAST, "prev.pt")) for f in files):  # not a cache
                     rows.append(_folder_row(stage, instance_dir.name, folder, files, current))
     return rows
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ctxrepro.checkpoint import atomic_torch_save
 from ctxrepro.pretext.model import TOWERS, conv_output, xavier_init_
-from ctxrepro.transfer.convert import (CropSet, _entry, fold_batchnorms, set_input_norm, transfer_tower)
+from ctxrepro.transfer.convert import CropSet, _entry, fold_batchnorms, set_input_norm, transfer_tower
 from ctxrepro.transfer.rescale import RescaleConfig, calibrate, moment_summary, weight_indices, within_layer_init
 from ctxrepro.transfer.trunk import FORMAT as FIGURE6_FORMAT
 from ctxrepro.transfer.trunk import Converted, InputNorm, body_layers, load_checkpoint
@@ -161,6 +161,31 @@ def convert_caffenet(init: str, spec: CaffeNetSpec, tower: nn.Sequential | None,
         mapping.append(_entry("-", f"{where[n]}.weight", dict(layers)[n].weight.shape,
                               f"new:{stats['within'][n]['method']}", []))
     return net.cpu(), mapping, stats
+
+
+def convert_alexnet(spec: CaffeNetSpec, tower: nn.Sequential | None, crops: CropSet, rms: float, batch: int,
+                    seed: int, log: logging.Logger) -> tuple[CaffeNet, list[dict[str, Any]], dict[str, Any]]:
+    """R-CNN's own AlexNet rows (Table 1): with ImageNet weights (ImageNet-R-CNN) conv1..conv5, fc6 and fc7 are
+    copied and a new 21-way fc8 drawn from N(0, 0.01) with zero bias (R-CNN's fc8_pascal filler); without
+    (Scratch-R-CNN) every layer is Caffe-Xavier with zero biases, as our other scratch rows. No k-means, no
+    rescaling. Returns (network, weight mapping, stats) on the CPU."""
+    net = build_caffenet(spec if tower is not None else replace(spec, color="none"), seed)
+    set_input_norm(net, crops.fit, rms, batch)
+    layers = net.layers()
+    if tower is None:
+        return net, [_entry("-", f"{'fc' if n in FC_LAYERS else 'body'}.{n}.weight", dict(layers)[n].weight.shape,
+                            "new:xavier", []) for n in (layers[i][0] for i in weight_indices(layers))], {}
+    mapping, folds = transfer_tower(_conv_part(tower), net, prefix="")
+    fc_map, fc_folds, copied = _copy_fc(tower, net, log)
+    if folds or fc_folds or copied != ["fc6", "fc7"]:
+        raise ValueError(f"AlexNet rows need torchvision's AlexNet (no batch norm, fc6 and fc7 of {spec.fc6} and "
+                         f"{spec.fc7}): got batch norm {[n for n, _ in folds + fc_folds]}, fc layers copied {copied}")
+    fc8 = net.fc.fc8
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fc8.weight.normal_(0.0, 0.01)
+        fc8.bias.zero_()
+    return net, mapping + fc_map + [_entry("-", "fc.fc8.weight", fc8.weight.shape, "new:gaussian(0.01)", [])], {}
 
 
 def save_caffenet(path: Path, net: CaffeNet, init: str, mapping: list[dict[str, Any]],

@@ -204,7 +204,8 @@ class Init:
     """One Table 1 initialisation: where its weights come from and which network it builds."""
 
     weights: str | None  # "ours" (the pretrain variant's export), "imagenet" (convert.imagenet_weights), None
-    network: str  # "figure6" (R-CNN-style rows, `trunk`) or "caffenet" (rescale rows, `caffenet`)
+    network: str  # "figure6" (R-CNN rows, `trunk`), "caffenet" (rescale rows, `caffenet`) or "alexnet" (R-CNN's own
+    #               AlexNet rows: torchvision's AlexNet as a CaffeNet-format network, `caffenet.convert_alexnet`)
 
 
 # The paper's lower-case init names (section 4.3, Table 1). Figure 6 inits: BN folded, conv6b/fc7/fc8 Xavier,
@@ -212,7 +213,9 @@ class Init:
 INITS: dict[str, Init] = {
     "scratch": Init(None, "figure6"),  # Scratch-Ours
     "ours": Init("ours", "figure6"),  # Ours-projection, Ours-color-dropping
-    "imagenet": Init("imagenet", "figure6"),  # ImageNet-R-CNN
+    "imagenet": Init("imagenet", "figure6"),  # torchvision's conv layers under Figure 6's head (Table 2's ImageNet)
+    "imagenet_alexnet": Init("imagenet", "alexnet"),  # ImageNet-R-CNN: AlexNet's own fc6 and fc7, a new fc8
+    "scratch_alexnet": Init(None, "alexnet"),  # Scratch-R-CNN (Agrawal et al.): AlexNet from random init
     "kmeans_rescale": Init(None, "caffenet"),  # K-means-rescale, VGG-K-means-rescale
     "ours_rescale": Init("ours", "caffenet"),  # Ours-rescale, VGG-Ours-rescale
     "imagenet_rescale": Init("imagenet", "caffenet"),  # ImageNet-rescale, VGG-ImageNet-rescale (fc kept)
