@@ -61,7 +61,18 @@ def _check_detect(repo: Path, params: dict, world: dict, row: str, spec: dict) -
     elif spec["init"] != "imagenet":  # Figure 6: 227-px input, pool5 7x7
         assert convert["pool5_side"] == 7, row
     assert detect["test_images"] == world["voc2007"]["test"] and detect["train_images"] == world["voc2007"]["trainval"]
-    assert detect["iterations"] == params["detect"]["iterations"], row
+    rcnn = params["detect"]["protocol"][spec["init"]] == "rcnn"
+    assert detect["detect_protocol"] == ("rcnn" if rcnn else "fast_rcnn"), row
+    iterations = params["detect"]["rcnn"]["iterations"] if rcnn else params["detect"]["iterations"]
+    assert detect["iterations"] == iterations, row
+    if rcnn:  # R-CNN: warped 227-px windows, fc7 SVMs with R-CNN's settings, hard negatives counted
+        assert detect["protocol"].startswith("R-CNN") and detect["windows"]["side"] == 227, row
+        assert detect["svm"]["settings"]["C"] == params["detect"]["rcnn"]["svm"]["C"] == 0.001, row
+        assert isinstance(detect["hard_negatives"], int) and detect["hard_negatives"] >= 0, row
+        named = {"imagenet_alexnet": "ImageNet-R-CNN", "scratch_alexnet": "Scratch-R-CNN"}
+        assert spec["init"] not in named or detect["paper_row"] == named[spec["init"]], row
+    else:  # Fast R-CNN rescale rows: fast-rcnn's frozen layers for the tower's family
+        assert detect["frozen"] == params["detect"]["freeze"][{"vgg16": "vgg16"}.get(spec["variant"], "alexnet")], row
     classes = params["detect"]["classes"]
     assert set(detect["ap"]) == set(classes) and len(classes) == 20, row  # the paper's 20, scored as the devkit does
     present = _world_test_classes(repo)
@@ -73,7 +84,7 @@ def _check_detect(repo: Path, params: dict, world: dict, row: str, spec: dict) -
     with (repo / f"plots/detect/{row}/loss.csv").open() as f:
         history = list(csv.DictReader(f))
     logged = [int(h["iteration"]) for h in history]  # log_every 1: each iteration with RoIs
-    assert logged and logged == sorted(set(logged)) and logged[-1] <= params["detect"]["iterations"], row
+    assert logged and logged == sorted(set(logged)) and logged[-1] <= iterations, row
     assert _finite(float(h["loss"]) for h in history), row
     import torch
 
@@ -129,7 +140,9 @@ def test_smoke_profile_runs_every_stage_at_the_papers_shapes(tmp_path):
     assert (voc["test"], voc["trainval"]) == (rendered["voc07_test"], rendered["voc07_trainval"])
     _check_pretrain(repo, params)
     rows = params["convert"]["rows"]
-    assert len(rows) == 10  # Table 1's rows, the ImageNet ones from random-init torchvision networks
+    # Table 1's rows (ImageNet-R-CNN and Scratch-R-CNN included), the ImageNet ones from random-init torchvision
+    # networks, and Table 2's ImageNet row
+    assert len(rows) == 12
     for row, spec in rows.items():
         _check_detect(repo, params, world, row, spec)
     _check_normals(repo, params, world, log)
