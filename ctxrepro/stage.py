@@ -37,6 +37,7 @@ class StageContext:
     log: logging.Logger
     shard: tuple[int, int] = (0, 1)
     root: Path = field(default_factory=Path.cwd)
+    params_path: Path = Path("params.yaml")  # the whole file: fetch checks the inputs other sections need
 
 
 def available_stages() -> list[str]:
@@ -109,4 +110,5 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1")
     log.info("resolved params:\n%s", yaml.safe_dump(resolved, sort_keys=False).rstrip())
     if shard_t != (0, 1):
         log.info("shard %d of %d", *shard_t)
-    module.run(params, StageContext(base=base, device=device, log=log, shard=shard_t, root=root))
+    module.run(params, StageContext(base=base, device=device, log=log, shard=shard_t, root=root,
+                                    params_path=Path(params_path)))
