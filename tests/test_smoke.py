@@ -51,6 +51,8 @@ def test_smoke_profile_runs_every_stage_at_the_papers_shapes(tmp_path):
             assert convert["pool5_side"] == 7, row
     for row in params["normals"]["rows"]:
         assert f"models/convert/{row}.pt: 480x640 input" in log, row
+        m = _json(repo, f"metrics/normals/{row}.json")  # Table 2's protocol, from the world's FAIR-format zip
+        assert (m["gt_source"], m["codebook"], m["codebook_size"]) == ("fair", "vocab", 40), row
     for network in params["linear_probe"]["networks"]:
         m = _json(repo, f"metrics/linear_probe/{network}.json")
         assert set(m["imagenet_top1"]) == set(m["voc07_map"]) == set(params["linear_probe"]["layers"]), network
