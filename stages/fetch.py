@@ -76,6 +76,8 @@ def run(params: Params, ctx: StageContext) -> None:
             summary = generate(Path(world_dir), params.world, ctx.base.seed, log=ctx.log)
             metrics["world"] = {k: v for k, v in summary.items() if k in DATASETS}
             _write_index(Path(world_dir) / INDEX, out / INDEX, builtin)
+        else:  # always present, as stages declare it a dep: no data set is the world's
+            atomic_write_json(out / INDEX, {})
         for name, source in sources.items():
             where = world_dir if source == "builtin" else source
             report = _fetch_one(name, where, out / name, downloads, retry, params.keep_downloads, ctx,

@@ -36,6 +36,10 @@ if _LOG:
             tag = "w" if (any(c in mode for c in "wax+") if mode else (flags or 0) & _WRITES) else "r"
         elif event in ("os.listdir", "os.scandir"):
             path, tag = args[0] if args[0] is not None else ".", "l"
+        elif event in ("os.rename", "os.link"):  # os.replace raises os.rename: a temporary renamed into place
+            path, tag = args[1], "w"
+        elif event == "os.mkdir":
+            path, tag = args[0], "w"
         else:
             return
         if isinstance(path, int) or path is None:
@@ -64,9 +68,10 @@ def _under(rel: str, paths) -> bool:
 def _uncovered(log: Path, repo: Path, deps: list[str], outs: list[str]) -> list[str]:
     """Paths under data/ or models/ read (or listed) without a dep or out covering them, in log order.
 
-    A read of a file this run wrote first (a temporary, a scratch file) and a listing of a folder that holds an
-    out or a dep (looking for stale temporaries, or for the dep itself) are not inputs."""
-    written, bad = set(), []
+    Not inputs: a read of what this run wrote, renamed, linked or made before (a temporary, a scratch file, a
+    folder renamed into place, and what is under them); a listing of a folder that holds a dep or an out
+    (looking for stale temporaries, or for the dep itself) or that this run writes into (its scratch)."""
+    written, reads, listed = [], [], []
     covered = [*deps, *outs]
     for line in log.read_text().splitlines() if log.is_file() else []:
         tag, path = line.split(" ", 1)
@@ -77,15 +82,14 @@ def _uncovered(log: Path, repo: Path, deps: list[str], outs: list[str]) -> list[
         if rel.split("/")[0] not in CHECKED:
             continue
         if tag == "w":
-            written.add(rel)
-        elif _under(rel, covered) or rel in written:
-            continue
-        elif tag == "l" and (any(p.startswith(rel + "/") for p in covered)
-                             or any(w.startswith(rel + "/") for w in written)):
-            continue
-        elif rel not in bad:
-            bad.append(rel)
-    return bad
+            written.append(rel)
+        elif not _under(rel, covered) and tag == "r" and not _under(rel, written):
+            reads.append(rel)
+        elif not _under(rel, covered) and tag == "l":
+            listed.append(rel)
+    holders = [*covered, *written]
+    listed = [rel for rel in listed if not any(p.startswith(rel + "/") for p in holders) and not _under(rel, written)]
+    return list(dict.fromkeys(reads + listed))
 
 
 @pytest.mark.slow
@@ -125,6 +129,10 @@ def test_the_audit_rule_flags_undeclared_reads_and_allows_own_files(tmp_path):
         f"r {a('data/raw/voc2007/x.jpg')}",          # under a dep
         f"r {a('data/resized/manifest.csv')}",       # not declared: flagged
         f"w {a('data/.tmp/a.npy')}", f"r {a('data/.tmp/a.npy')}",  # its own scratch file
+        f"r {a('data/cache/b.npy')}",                # read before anything wrote it: flagged
+        f"l {a('data/scratch')}",                    # its scratch folder, written into below
+        f"w {a('data/scratch')}", f"w {a('data/scratch/c.npy')}", f"r {a('data/scratch/d/e.npy')}",
+        f"w {a('data/cache/b.npy')}",
         f"l {a('data')}",                            # the folder holding an out
         f"l {a('models/pretrain')}",                 # not declared: flagged
         f"r {a('models/pretrain_state/v/last.pt')}",  # its own (persist) out
@@ -134,4 +142,4 @@ def test_the_audit_rule_flags_undeclared_reads_and_allows_own_files(tmp_path):
     ]) + "\n")
     repo.mkdir()
     assert _uncovered(tmp_path / "log", repo, ["data/raw/voc2007"], ["models/pretrain_state/v", "data/out"]) == [
-        "data/resized/manifest.csv", "models/pretrain"]
+        "data/resized/manifest.csv", "data/cache/b.npy", "models/pretrain"]
