@@ -158,3 +158,29 @@ def test_fast_rcnn_boxes_are_placed_where_proposals_read_them(tmp_path):
     for split in ("trainval", "test"):
         mat = tmp_path / proposals.MATS / f"voc_2007_{split}.mat"
         assert mat.read_bytes() == split.encode()
+
+
+def test_probe_labels_come_from_the_devkit_unless_the_world_made_imagenet(tmp_path):
+    """fetch always writes world_index.json (a declared dep); with VOC from the world and a real ImageNet it
+    holds no ImageNet entry, and the validation labels are the devkit's."""
+    import json
+
+    import numpy as np
+    from scipy.io import savemat
+
+    from stages.linear_probe import DEVKIT as DEVKIT_DIR
+    from stages.linear_probe import WORLD_INDEX, _val_wnids
+
+    (tmp_path / WORLD_INDEX).parent.mkdir(parents=True)
+    (tmp_path / WORLD_INDEX).write_text(json.dumps({"voc2007/VOCdevkit/VOC2007/JPEGImages/1.jpg": {"kind": "scene"}}))
+    (tmp_path / DEVKIT_DIR).mkdir(parents=True)
+    synsets = np.array([(1, "n01440764"), (2, "n02105855")], dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
+    savemat(tmp_path / DEVKIT_DIR / "meta.mat", {"synsets": synsets})
+    (tmp_path / DEVKIT_DIR / "ILSVRC2012_validation_ground_truth.txt").write_text("2\n1\n2\n")
+    assert _val_wnids(tmp_path) == {"imagenet/val/ILSVRC2012_val_00000001.JPEG": "n02105855",
+                                    "imagenet/val/ILSVRC2012_val_00000002.JPEG": "n01440764",
+                                    "imagenet/val/ILSVRC2012_val_00000003.JPEG": "n02105855"}
+    (tmp_path / WORLD_INDEX).write_text(json.dumps({
+        "imagenet/train/n09999999/a.JPEG": {"kind": "scene", "category": "bus"},
+        "imagenet/val/v1.JPEG": {"kind": "scene", "category": "bus"}}))
+    assert _val_wnids(tmp_path) == {"imagenet/val/v1.JPEG": "n09999999"}  # the world's own labels

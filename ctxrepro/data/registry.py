@@ -1,4 +1,4 @@
-"""The known archives of the data sets (../shared/DATA.md) and how a file is verified against them.
+"""The known archives of the data sets and how a file is verified against them.
 
 The paper pretrains on ImageNet 2012 train (section 3, "Implementation Details") and evaluates on
 VOC 2007 detection (4.3), NYUv2 surface normals (4.4) and VOC 2011 mining (4.5). Each data set is a
