@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import time
 from pathlib import Path
@@ -125,9 +124,11 @@ def unreadable_reason(path: Path, error: BaseException) -> str:
         if path.stat().st_size == 0:
             return "an empty file"
     first = (str(error).strip().splitlines() or [""])[0]
-    if isinstance(error, pickle.UnpicklingError) or "weights_only" in first or not first:
-        return f"not a checkpoint of plain tensors ({type(error).__name__})"
-    return f"{type(error).__name__}: {first[:160]}"
+    if isinstance(error, OSError) and "weights_only" not in first and first:  # the file itself cannot be read
+        return f"{type(error).__name__}: {first[:160]}"
+    # Anything else is the unpickler failing on bytes that are no plain-tensor checkpoint (UnpicklingError,
+    # but also IndexError, KeyError, ... on random bytes): one reason, never torch's advice.
+    return f"not a checkpoint of plain tensors ({type(error).__name__})"
 
 
 def check_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -44,6 +44,7 @@ class StageContext:
     log: logging.Logger
     shard: tuple[int, int] = (0, 1)
     root: Path = field(default_factory=Path.cwd)
+    params_path: Path = Path("params.yaml")  # the whole file: fetch checks the inputs other sections need
 
 
 def available_stages() -> list[str]:
@@ -219,7 +220,8 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1",
         log.info("shard %d of %d", *shard_t)
     # A second's margin: file times come from a coarser clock than time.time().
     started = time.time() - 1.0
-    module.run(params, StageContext(base=base, device=device, log=log, shard=shard_t, root=root))
+    module.run(params, StageContext(base=base, device=device, log=log, shard=shard_t, root=root,
+                                    params_path=Path(params_path)))
     stamp_metrics(root, spec, started, record)
 
 

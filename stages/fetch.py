@@ -8,14 +8,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctxrepro.config import param
+from ctxrepro.config import ParamsError, load_yaml, param
 from ctxrepro.data.download import DownloadError, RetryPolicy
 from ctxrepro.data.fetch import fetch_dataset
+from ctxrepro.data.inputs import DATASETS, Need, inputs_for, needed_archives, protocol_needs
 from ctxrepro.io import atomic_dir, atomic_write_json, remove_stale_temps, temp_prefix
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.world import INDEX, WorldSpec, generate
 
-DATASETS = ("imagenet", "voc2007", "voc2011", "nyuv2")
 RAW = Path("data/raw")
 DOWNLOADS = Path("data/downloads")
 METRICS = Path("metrics/fetch.json")
@@ -42,9 +42,26 @@ def _sources(params: Params) -> dict[str, str]:
     return {name: getattr(params, f"{name}_source") for name in DATASETS}
 
 
+def _protocol_needs(params: Params, ctx: StageContext) -> tuple[Need, ...]:
+    """What the other sections' protocol needs (linear_probe, normals, proposals); stops before anything is
+    placed when one of those archives, or a required one, is missing from a local source or the world."""
+    path = ctx.params_path if ctx.params_path.is_absolute() else ctx.root / ctx.params_path
+    try:
+        needs = protocol_needs(load_yaml(path))
+    except ParamsError as e:
+        raise StageError(f"fetch: {e}") from e
+    missing = [i for i in inputs_for(_sources(params), needs, ctx.root) if i.present is False]
+    if missing:
+        raise StageError("fetch: " + "\nfetch: ".join(i.line() for i in missing))
+    for need in needs:
+        ctx.log.info("%s is needed by %s", need.archive, need.reason)
+    return needs
+
+
 def run(params: Params, ctx: StageContext) -> None:
     start = time.monotonic()
     sources = _sources(params)
+    needs = _protocol_needs(params, ctx)
     builtin = [name for name, src in sources.items() if src == "builtin"]
     retry = RetryPolicy(attempts=params.download_attempts, base_delay=params.download_base_delay,
                         timeout=params.download_timeout)
@@ -59,17 +76,21 @@ def run(params: Params, ctx: StageContext) -> None:
             summary = generate(Path(world_dir), params.world, ctx.base.seed, log=ctx.log)
             metrics["world"] = {k: v for k, v in summary.items() if k in DATASETS}
             _write_index(Path(world_dir) / INDEX, out / INDEX, builtin)
+        else:  # always present, as stages declare it a dep: no data set is the world's
+            atomic_write_json(out / INDEX, {})
         for name, source in sources.items():
             where = world_dir if source == "builtin" else source
-            report = _fetch_one(name, where, out / name, downloads, retry, params.keep_downloads, ctx)
+            report = _fetch_one(name, where, out / name, downloads, retry, params.keep_downloads, ctx,
+                                needed_archives(name, source, needs))
             metrics["datasets"][name] = _report_metrics(report, source)
     metrics["seconds"] = round(time.monotonic() - start, 2)
     atomic_write_json(ctx.root / METRICS, metrics)
 
 
-def _fetch_one(name, source, dest, downloads, retry, keep, ctx):
+def _fetch_one(name, source, dest, downloads, retry, keep, ctx, needs=None):
     try:
-        return fetch_dataset(name, str(source), dest, downloads, log=ctx.log, retry=retry, keep_downloads=keep)
+        return fetch_dataset(name, str(source), dest, downloads, log=ctx.log, retry=retry, keep_downloads=keep,
+                             needs=needs)
     # ValueError covers ChecksumError, extract.ArchiveError (unsafe, truncated or corrupt archives, naming the
     # archive and member), a malformed MD5SUMS and a file that is not one of the data set's archives.
     except (OSError, ValueError, DownloadError) as e:  # OSError: a full disk or read-only target, naming the path

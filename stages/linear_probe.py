@@ -113,11 +113,11 @@ def imagenet_split(root: Path, split: str, per_class: int) -> tuple[list[Path], 
 
 def _val_wnids(root: Path) -> dict[str, str]:
     """{manifest source of a val image: WNID}."""
-    index = root / WORLD_INDEX
-    if index.is_file():  # the tiny world: categories, and their WNIDs from the train folders
-        import json
+    import json
 
-        images = json.loads(index.read_text())
+    index = root / WORLD_INDEX  # always written by fetch; ImageNet entries only where the world made ImageNet
+    images = json.loads(index.read_text()) if index.is_file() else {}
+    if any(s.startswith("imagenet/") for s in images):  # the tiny world: categories, WNIDs from the train folders
         wnid = {e["category"]: Path(s).parent.name for s, e in images.items() if s.startswith("imagenet/train/")}
         return {s: wnid[e["category"]] for s, e in images.items()
                 if s.startswith("imagenet/val/") and e.get("category") in wnid}

@@ -38,9 +38,10 @@ class Params:
                       help="models/convert/<init>.pt, a convert row (the foreach item)")
     rows: tuple[str, ...] = param(("color_dropping-scratch", "color_dropping-ours"), refers="convert.rows",
                                   help="dvc.yaml's foreach list: the convert rows Table 2 fine-tunes")
-    gt_source: str = param("auto", choices=GT_SOURCES, help="auto: the FAIR normals zip if fetched, else depth")
-    codebook: str = param("auto", choices=("auto", "vocab", "kmeans"),
-                          help="auto: vocab40.mat with FAIR ground truth, else k-means on training normals")
+    gt_source: str = param("fair", choices=GT_SOURCES,
+                           help="fair: the FAIR benchmark's normals (Table 2's protocol); depth: fitted to depth")
+    codebook: str = param("vocab", choices=("vocab", "kmeans"),
+                          help="vocab: the FAIR benchmark's vocab40.mat (Table 2's); kmeans: on training normals")
     clusters: int = param(40, min=2, max=1000, help="k-means codewords (FAIR benchmark: 40)")
     kmeans_iters: int = param(20, min=1, help="spherical k-means iterations")
     kmeans_samples: int = param(2000, min=1, help="valid training normals sampled per image for k-means")
@@ -81,10 +82,10 @@ def state_records(p: Params, base: BaseParams) -> dict[str, dict]:
     return {"normals": asdict(p.settings(base.seed))}
 
 
-def _codebook(p: Params, gt_name: str, nyu_dir: Path, sample: np.ndarray, seed: int, log) -> tuple[np.ndarray, str]:
+def _codebook(p: Params, nyu_dir: Path, sample: np.ndarray, seed: int, log) -> tuple[np.ndarray, str]:
     """vocab40.mat (FAIR benchmark) or spherical k-means of the sampled training normals; (codebook, name)."""
     vocab = vocab_path(nyu_dir)
-    if p.codebook == "vocab" or (p.codebook == "auto" and gt_name == "fair" and vocab.is_file()):
+    if p.codebook == "vocab":
         if not vocab.is_file():
             raise FileNotFoundError(f"{vocab} not found: fetch nyuv2 with its normals zip, or normals.codebook=kmeans")
         book = load_vocab(vocab)
@@ -94,7 +95,7 @@ def _codebook(p: Params, gt_name: str, nyu_dir: Path, sample: np.ndarray, seed: 
     return kmeans_codebook(sample, p.clusters, p.kmeans_iters, derive_seed(seed, KMEANS_SEED, 1)), "kmeans"
 
 
-def _fine_tune(p: Params, ctx: StageContext, nyu, train_idx, gt, gt_name: str, nyu_dir: Path, scratch: Path):
+def _fine_tune(p: Params, ctx: StageContext, nyu, train_idx, gt, nyu_dir: Path, scratch: Path):
     """Load the trunk, build the training set and codebook, fine-tune; (net, codebook, stats)."""
     trunk_path = ctx.root / TRUNKS / f"{p.init}.pt"
     trunk = load_trunk(trunk_path, ctx.device)
@@ -107,7 +108,7 @@ def _fine_tune(p: Params, ctx: StageContext, nyu, train_idx, gt, gt_name: str, n
                  grid.ys[0], grid.step[0], grid.xs[0], grid.step[1])
     data, sample = load_train(nyu, gt, train_idx, p.input_size, grid, p.min_valid, p.kmeans_samples,
                               derive_seed(ctx.base.seed, KMEANS_SEED, 0), ctx.log, scratch)
-    book, book_name = _codebook(p, gt_name, nyu_dir, sample, ctx.base.seed, ctx.log)
+    book, book_name = _codebook(p, nyu_dir, sample, ctx.base.seed, ctx.log)
     ctx.log.info("targets: %.1f%% of training grid cells have ground truth", 100.0 * data.valid.mean())
     net = build_net(trunk, channels, p.head_channels, len(book), ctx.base.seed)
     stats = train_normals(net, data, book, p.settings(ctx.base.seed), ctx.device, ctx.log,
@@ -124,7 +125,7 @@ def run(params: Params, ctx: StageContext) -> None:
             gt, gt_name = ground_truth(nyu_dir, params.gt_source, nyu, params.depth_fit)
             ctx.log.info("NYUv2: %d train / %d test images, ground truth from %s", len(train_idx), len(test_idx),
                          gt_name)
-            net, book, grid, stats = _fine_tune(params, ctx, nyu, train_idx, gt, gt_name, nyu_dir, scratch)
+            net, book, grid, stats = _fine_tune(params, ctx, nyu, train_idx, gt, nyu_dir, scratch)
             coarse = predict_coarse(net, load_images(nyu, test_idx, params.input_size, ctx.log, scratch), book,
                                     params.eval_batch, ctx.device)
             pred_path = ctx.root / PREDICTIONS / params.init / "predictions.npz"
@@ -145,4 +146,5 @@ def run(params: Params, ctx: StageContext) -> None:
     atomic_write_json(ctx.root / METRICS / f"{params.init}.json", {
         **m, "test_images": len(test_idx), "train_images": len(train_idx), "steps": stats["steps"],
         "train_loss": stats["train_loss"], "train_seconds": stats["train_seconds"],
+        "gt_source": gt_name, "codebook": stats["codebook"], "codebook_size": len(book),
         "seconds": round(time.monotonic() - start, 2)})

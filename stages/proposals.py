@@ -15,6 +15,7 @@ from ctxrepro.io import atomic_write_json
 from ctxrepro.stage import StageContext, StageError
 
 VOC07 = Path("data/raw/voc2007/VOCdevkit/VOC2007")
+MATS = Path("data/raw/voc2007/selective_search_data")  # fetch places Fast R-CNN's selective_search_data.tgz here
 OUT = Path("data/proposals/voc2007")  # one <image_id>.npz per image; a persistent, keyed cache
 INDEX = "index.json"  # written last: its presence says the cache is complete for these settings
 METRICS = Path("metrics/proposals.json")
@@ -24,8 +25,8 @@ RECALL_AT = (0.5, 0.7)
 @dataclass(frozen=True)
 class Params:
     source: str = param("opencv", choices=("opencv", "mat"),
-                        help="opencv: compute selective search; mat: read Fast R-CNN's voc_2007_<split>.mat")
-    mat_dir: str = param("", help="folder of Fast R-CNN's selective_search_data (source: mat)")
+                        help="opencv: compute selective search; mat: read Fast R-CNN's voc_2007_<split>.mat, "
+                             "which fetch places in data/raw/voc2007/selective_search_data")
     mode: str = param("fast", choices=P.MODES, help="OpenCV selective search mode (Fast R-CNN's boxes: fast)")
     max_boxes: int = param(0, min=0, help="cap per image, a seeded subset (0: all, as Fast R-CNN)")
     min_side: int = param(0, min=0, help="drop boxes thinner than this many pixels (0: keep all)")
@@ -58,14 +59,11 @@ def run(params: Params, ctx: StageContext) -> None:
     (cache / INDEX).unlink(missing_ok=True)  # incomplete until rewritten below
     start = time.monotonic()
     if params.source == "mat":
-        if not params.mat_dir:
-            raise StageError("proposals.source=mat needs proposals.mat_dir (Fast R-CNN's selective_search_data)")
         counts, computed = {}, 0
         for split, items in by_split.items():
-            mat = Path(params.mat_dir) / f"voc_2007_{split}.mat"
+            mat = root / MATS / f"voc_2007_{split}.mat"
             try:
-                counts.update(P.convert_mat(mat if mat.is_absolute() else root / mat,
-                                            {i: v[0] for i, v in items.items()}, cache, cfg))
+                counts.update(P.convert_mat(mat, {i: v[0] for i, v in items.items()}, cache, cfg))
             except (OSError, ValueError) as e:
                 raise StageError(f"proposals: {e}") from e
             computed += len(items)

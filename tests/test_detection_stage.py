@@ -89,8 +89,8 @@ def make_world(root: Path) -> None:
         cell = np.empty((1, len(ids)), dtype=object)
         for k, (i, b) in enumerate(zip(ids, boxes)):
             names[k, 0], cell[0, k] = i, b
-        (root / "selective_search_data").mkdir(exist_ok=True)
-        savemat(root / "selective_search_data" / f"voc_2007_{split}.mat", {"boxes": cell, "images": names})
+        (root / proposals.MATS).mkdir(parents=True, exist_ok=True)
+        savemat(root / proposals.MATS / f"voc_2007_{split}.mat", {"boxes": cell, "images": names})
     spec = TrunkSpec(tower="small", width=4, conv6=16, conv6_kernel=2, conv6b=8, fc7=16, input_side=64)
     trunk, head = build_trunk(spec, seed=0)
     source = {"variant": "color_dropping", "config": {"color": "drop"}}
@@ -119,7 +119,7 @@ def _lines(path: Path) -> list[list[str]]:
 @pytest.fixture()
 def world(tmp_path) -> Path:
     make_world(tmp_path)
-    proposals.run(proposals.Params(source="mat", mat_dir="selective_search_data", workers=1), _ctx(tmp_path))
+    proposals.run(proposals.Params(source="mat", workers=1), _ctx(tmp_path))
     return tmp_path
 
 
@@ -253,5 +253,8 @@ def test_proposals_stage_opencv_and_detect_errors(tmp_path):
     assert (m["computed"], m["reused"]) == (0, 10)
     with pytest.raises(StageError, match="models/convert/color_dropping-ours.pt"):
         detect.run(_detect_params(row="color_dropping-ours"), ctx)
-    with pytest.raises(StageError, match="mat_dir"):
+    for mat in (tmp_path / proposals.MATS).iterdir():  # proposals.source=mat without the fetched .mat files
+        mat.unlink()
+    with pytest.raises(StageError, match="voc_2007_trainval.mat: no selective search .mat file; fetch places "
+                                         "Fast R-CNN's selective_search_data.tgz"):
         proposals.run(proposals.Params(source="mat"), ctx)

@@ -190,7 +190,7 @@ def test_ground_truth_source_selection(tmp_path):
     _write_matlab_layout(tmp_path / "nyu_depth_v2_labeled.mat", 2)
     nyu = NyuLabeled(tmp_path / "nyu_depth_v2_labeled.mat")
     fit = PlaneFit(window=5, step=1, min_points=9)
-    gt, name = ground_truth(tmp_path, "auto", nyu, fit)
+    gt, name = ground_truth(tmp_path, "depth", nyu, fit)
     assert name == "depth" and isinstance(gt, DepthGroundTruth)
     normals, valid = gt(0)
     want, want_valid = normals_from_depth(nyu.raw_depth(0), fit=fit)
@@ -198,6 +198,8 @@ def test_ground_truth_source_selection(tmp_path):
     np.testing.assert_array_equal(valid, want_valid)
     with pytest.raises(FileNotFoundError, match="all_normals.pklz not found"):
         ground_truth(tmp_path, "fair", nyu, fit)
+    with pytest.raises(ValueError, match="'auto' is not one of"):  # no fall-back from FAIR to depth
+        ground_truth(tmp_path, "auto", nyu, fit)
 
 
 def test_fair_ground_truth_masks_and_checks_counts(tmp_path):
@@ -354,7 +356,7 @@ def test_stage_end_to_end_on_a_tiny_world(tmp_path):
     from ctxrepro.data.nyu import load_normals, read_splits
     from ctxrepro.metrics.normals import KEYS, evaluate_arrays
     from ctxrepro.normals.depth import PlaneFit
-    from ctxrepro.stage import StageContext
+    from ctxrepro.stage import StageContext, StageError
     from stages.normals import Params, run
 
     _tiny_world(tmp_path, images=5, train=3)
@@ -384,14 +386,21 @@ def test_stage_end_to_end_on_a_tiny_world(tmp_path):
     assert load_checkpoint(path)["step"] == 3
     assert not (tmp_path / "data/normals/.inputs").exists() or not any((tmp_path / "data/normals/.inputs").iterdir())
 
-    # without the FAIR pickle: ground truth from depth, codebook from k-means on training normals
+    assert (metrics["gt_source"], metrics["codebook"], metrics["codebook_size"]) == ("fair", "vocab", 40)
+
+    # without the FAIR pickle, Table 2's protocol stops with the file named: no silent fall-back to depth
     (tmp_path / "data/raw/nyuv2/surfacenormal_metadata/all_normals.pklz").unlink()
-    run(Params(init="scratch", input_height=96, input_width=128, head_channels=8, steps=1, batch=2,
-               clusters=6, kmeans_samples=50, examples=1, depth_fit=PlaneFit(window=9, step=4, min_points=6)), ctx)
+    small = dict(init="scratch", input_height=96, input_width=128, head_channels=8, steps=1, batch=2, clusters=6,
+                 kmeans_samples=50, examples=1, depth_fit=PlaneFit(window=9, step=4, min_points=6))
+    with pytest.raises(StageError, match="all_normals.pklz not found: fetch nyuv2 with nyuv2_surfacenormal_metadata"):
+        run(Params(**small), ctx)
+    # asked for explicitly: ground truth from depth, codebook from k-means on training normals
+    run(Params(**small, gt_source="depth", codebook="kmeans"), ctx)
     table = (tmp_path / "plots/normals/scratch/table2.md").read_text()
     assert "ground truth `depth`, codebook `kmeans` (6)" in table
     metrics = json.loads((tmp_path / "metrics/normals/scratch.json").read_text())
     assert all(math.isfinite(metrics[k]) for k in KEYS)
+    assert (metrics["gt_source"], metrics["codebook"], metrics["codebook_size"]) == ("depth", "kmeans", 6)
 
 
 def test_stage_params_are_validated_with_the_key_named():
@@ -406,3 +415,6 @@ def test_stage_params_are_validated_with_the_key_named():
         parse_dataclass(Params, {"depth_fit": {"window": 4}}, "normals")
     with pytest.raises(ParamsError, match="normals.codebook"):
         parse_dataclass(Params, {"codebook": "random"}, "normals")
+    for key in ("gt_source", "codebook"):  # Table 2's protocol is chosen, never a fall-back
+        with pytest.raises(ParamsError, match=f"normals.{key}: 'auto' is not allowed"):
+            parse_dataclass(Params, {key: "auto"}, "normals")

@@ -173,10 +173,10 @@ def test_paper_profile_without_imagenet_exits_2_naming_each_missing_input(tmp_pa
     done = _check(_clone(tmp_path, "paper"))
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
     problems = done.stdout.split("cannot run:")[1]
-    for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz",
-                 "voc_2007_trainval.mat", "voc_2007_test.mat"):
+    for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"):
         assert name in problems
-    assert "VOCtest_06-Nov-2007.tar" not in problems  # official URL: downloadable
+    for name in ("VOCtest_06-Nov-2007.tar", "selective_search_data.tgz"):  # official URLs: downloadable
+        assert name not in problems and name in done.stdout
     assert "disk: needs" in done.stdout
     assert re.search(r"dvc repro would run (\d+) of \1 stage instances", done.stdout)  # nothing has run
 
@@ -186,7 +186,7 @@ def test_stage_check_stops_a_stage_missing_its_input_before_it_writes(tmp_path, 
     metrics = (repo_dir / "metrics" / "proposals.json").read_bytes()  # the committed tiny run's
     monkeypatch.chdir(repo_dir)
     result = runner.invoke(app, ["stage", "proposals"])
-    assert result.exit_code == 2 and "voc_2007_trainval.mat" in result.output
+    assert result.exit_code == 2 and "selective_search_data.tgz" in result.output  # fetch has not placed it
     assert not (repo_dir / "data").exists() and (repo_dir / "metrics" / "proposals.json").read_bytes() == metrics
 
 

@@ -37,7 +37,7 @@ SOURCES = {
     "fetch.imagenet_source", "fetch.voc2007_source", "fetch.voc2011_source", "fetch.nyuv2_source",
     "fetch.world.image_size", "fetch.world.voc_image_size",  # the world rendered at the real data sets' sizes
     "convert.imagenet_weights", "nn.imagenet_weights", "linear_probe.imagenet_weights",
-    "proposals.source", "proposals.mat_dir",
+    "proposals.source",
 }
 NOTES = {f"{s}.profile_note" for s in ("pretext_eval", "nn", "aberration", "linear_probe", "detect")}
 

@@ -55,7 +55,8 @@ def run_dir(tmp_path: Path) -> Path:
     _json(m / "detect/projection-ours.json", _detect("ours", "Ours-projection", 0.4321))
     _json(m / "detect/color_dropping-scratch.json", _detect("scratch", "Scratch-Ours", 0.2468))
     _json(m / "normals/color_dropping-ours.json", {"mean": 27.36, "median": 21.06, "rmse": 33.33, "within_11.25": 12.34,
-                                    "within_22.5": 45.67, "within_30": 67.89})
+                                    "within_22.5": 45.67, "within_30": 67.89, "gt_source": "fair",
+                                    "codebook": "vocab", "codebook_size": 40})
     _json(m / "pretext_eval.json", {
         "accuracy": 0.3137, "n_images": 120, "n_pairs": 30720, "chance": 0.125, "accuracy_in_boxes": 0.2871,
         "n_pairs_in_boxes": 512, "min_box_side": 120, "accuracy_per_class": {"car": 0.6049, "bus": 0.1111},
@@ -117,6 +118,8 @@ def test_every_table_present_with_numbers_from_the_metrics_files(run_dir):
     assert "| Ours (paper) | 33.2 | 21.3 | 36.0 | 51.2 | 57.8 | – |" in text
     assert "| `color_dropping-ours` (ours) | 27.4 | 21.1 | 12.3 | 45.7 | 67.9 | 33.3 |" in text
     assert "| `color_dropping-scratch` (ours) | not run |" in text
+    assert ("Ground truth and codebook (Table 2's protocol: the FAIR benchmark's normals `fair` and its vocab40.mat "
+            "`vocab`): `color_dropping-ours`: ground truth `fair`, codebook `vocab` (40).") in text
     assert "| `color_dropping-imagenet` (ours) | skipped: no ImageNet labels in the tiny world |" in text
     assert "| VOC 2007: 120 images (paper 500 x 256 pairs) | 38.4 | 31.4 | 30,720 |" in text
     assert "| inside boxes >= 120 px (paper 240) | 39.2 | 28.7 | 512 |" in text

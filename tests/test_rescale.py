@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctxrepro.transfer.rescale import (RescaleConfig, calibrate, init_layer, kmeans, normalize_layer, whiten_basis,
-                                       within_layer_init)
+from ctxrepro.transfer.rescale import (RescaleConfig, calibrate, gather_inputs, init_layer, kmeans, normalize_layer,
+                                       receptive_fields, whiten_basis, within_layer_init)
 
 LOG = logging.getLogger("test_rescale")
 
@@ -151,3 +151,37 @@ def test_calibration_converges_through_a_non_homogeneous_lrn():
     result = calibrate(layers, smooth_images(32, 6), RescaleConfig(), torch.Generator().manual_seed(1), LOG)
     assert result.converged and result.spread < 0.01
     assert 1 <= result.iterations <= 10
+
+
+def test_receptive_fields_by_hand():
+    """A 3x3 image 1..9, a 2x2 kernel with padding 1: a 4x4 grid of positions; zero padding where outside."""
+    x = torch.arange(1.0, 10.0).reshape(1, 1, 3, 3)
+    conv = nn.Conv2d(1, 1, 2, padding=1)
+    rows = receptive_fields(x, conv, torch.tensor([0, 5, 15, 3]))
+    assert rows.tolist() == [[0, 0, 0, 1], [1, 2, 4, 5], [9, 0, 0, 0], [0, 0, 3, 0]]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (2, 3, 0, 1), (3, 1, 2, 2),
+                                                             ((3, 2), (2, 1), (1, 0), (1, 2))])
+def test_receptive_fields_are_the_unfold_rows(kernel, stride, padding, dilation):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 9, 7, generator=g)
+    conv = nn.Conv2d(4, 5, kernel, stride=stride, padding=padding, dilation=dilation)
+    unfold = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    every = unfold.transpose(1, 2).reshape(-1, unfold.shape[1])
+    pick = torch.randperm(len(every), generator=g)[:11]
+    torch.testing.assert_close(receptive_fields(x, conv, pick), every[pick], rtol=0, atol=0)
+
+
+def test_gather_inputs_keeps_the_rows_a_whole_unfold_would_give():
+    """The same seed draws the same positions as sampling the unfolded batch did: the rows are equal."""
+    layers = small_net()
+    x = smooth_images(10, seed=3)
+    got = gather_inputs(layers, 4, x, max_samples=50, batch=4, gen=torch.Generator().manual_seed(7))
+    gen, rows = torch.Generator().manual_seed(7), []
+    for xb in x.split(4):  # the unfold-then-sample gathering, by hand
+        z = forward(layers, xb, "pool1")  # conv2 (layer 4) sees pool1's output
+        z = F.unfold(z, 3, 1, 1, 1).transpose(1, 2).reshape(-1, 8 * 9)
+        rows.append(z[torch.randperm(len(z), generator=gen)[:17]])
+    assert got.shape == (50, 72)
+    torch.testing.assert_close(got, torch.cat(rows)[:50], rtol=0, atol=0)

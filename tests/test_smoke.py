@@ -103,7 +103,8 @@ def _check_normals(repo: Path, params: dict, world: dict, log: str) -> None:
 
     for row in params["normals"]["rows"]:
         assert f"models/convert/{row}.pt: 480x640 input" in log, row
-        m = _json(repo, f"metrics/normals/{row}.json")
+        m = _json(repo, f"metrics/normals/{row}.json")  # Table 2's protocol, from the world's FAIR-format zip
+        assert (m["gt_source"], m["codebook"], m["codebook_size"]) == ("fair", "vocab", 40), row
         assert m["steps"] == params["normals"]["steps"] and m["test_images"] == world["nyuv2"]["test"], row
         assert _finite([m["train_loss"], m["mean"], m["median"]]), row
         with np.load(repo / f"data/normals/{row}/predictions.npz") as z:

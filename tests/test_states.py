@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import signal
 import subprocess
@@ -105,7 +106,7 @@ def test_inf_in_last_pt_is_set_aside_and_the_run_resumes_from_prev(data, referen
     assert not last.with_name("prev.pt").exists()  # the final state is kept once
 
 
-@pytest.mark.parametrize("content", [b"", os.urandom(4096)], ids=["zero-bytes", "random-bytes"])
+@pytest.mark.parametrize("content", [b"", random.Random(4096).randbytes(4096)], ids=["zero-bytes", "random-bytes"])
 def test_unreadable_last_and_prev_are_one_line_each_then_a_fresh_run(data, reference, tmp_path, caplog, content):
     last = only_state(tmp_path, make_cfg())
     last.parent.mkdir(parents=True)
@@ -184,7 +185,7 @@ def detect_images(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("content", [b"", os.urandom(4096)], ids=["zero-bytes", "random-bytes"])
+@pytest.mark.parametrize("content", [b"", random.Random(4096).randbytes(4096)], ids=["zero-bytes", "random-bytes"])
 def test_unreadable_detect_states_are_one_line_and_the_run_goes_on(detect_images, tmp_path, caplog, content):
     """An unreadable state of the old single-file layout, then one in its configuration's folder."""
     from test_detection_train import assert_same_checkpoint, make_solver

@@ -25,6 +25,7 @@ import shutil
 import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from ctxrepro.data import extract, imagenet
 from ctxrepro.data.download import Downloaded, NotFoundError, RetryPolicy, download_file, fetch_small
@@ -79,17 +80,19 @@ def _expected(archive: Archive, sums: dict[str, str], origin: str | None, offici
     return Expected(archive, sums.get(archive.name), origin if archive.name in sums else None, official)
 
 
-def _require_all(dataset: str, found: list[Located], where: str) -> list[Located]:
+def _require_all(dataset: str, found: list[Located], where: str, needs: Mapping[str, str]) -> list[Located]:
+    """`found`, unless a required archive or one the protocol needs (`needs`: name -> reason) is missing."""
     names = {loc.archive.name for loc in found}
     missing = [a.name for a in archives_for(dataset) if a.required and a.name not in names]
-    if missing:
+    needed = [f"{name} (needed by {reason})" for name, reason in needs.items() if name not in names]
+    if missing or needed:
         wanted = ", ".join(f"{a.name} ({'required' if a.required else 'optional'})" for a in archives_for(dataset))
-        raise FileNotFoundError(f"{dataset}: {', '.join(missing)} not found in {where}; a source folder holds "
-                                f"{wanted}, or their extracted trees.{_help(dataset)}")
+        raise FileNotFoundError(f"{dataset}: {', '.join(missing + needed)} not found in {where}; a source folder "
+                                f"holds {wanted}, or their extracted trees.{_help(dataset)}")
     return found
 
 
-def _plan_local(dataset: str, path: Path) -> list[Located]:
+def _plan_local(dataset: str, path: Path, needs: Mapping[str, str]) -> list[Located]:
     if not path.exists():
         raise FileNotFoundError(f"{dataset}: source {path} does not exist.{_help(dataset)}")
     if path.is_file():
@@ -98,7 +101,8 @@ def _plan_local(dataset: str, path: Path) -> list[Located]:
             names = ", ".join(a.name for a in archives_for(dataset))
             raise ValueError(f"{dataset}: {path.name} is not one of its archives ({names}).{_help(dataset)}")
         sums, origin = _local_md5sums(path.parent)
-        return _require_all(dataset, [Located(archive, "file", str(path), _expected(archive, sums, origin))], str(path))
+        return _require_all(dataset, [Located(archive, "file", str(path), _expected(archive, sums, origin))], str(path),
+                            needs)
     sums, origin = _local_md5sums(path)
     found = []
     for archive in archives_for(dataset):
@@ -107,10 +111,11 @@ def _plan_local(dataset: str, path: Path) -> list[Located]:
             found.append(Located(archive, "file", str(path / archive.name), expected))
         elif (path / archive.extracts_to).exists():
             found.append(Located(archive, "tree", str(path / archive.extracts_to), expected))
-    return _require_all(dataset, found, str(path))
+    return _require_all(dataset, found, str(path), needs)
 
 
-def _plan_url(dataset: str, url: str, retry: RetryPolicy, log: logging.Logger) -> list[Located]:
+def _plan_url(dataset: str, url: str, retry: RetryPolicy, log: logging.Logger,
+              needs: Mapping[str, str]) -> list[Located]:
     last = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
     single = lookup(dataset, last) if last else None
     base = url.rsplit("/", 1)[0] + "/" if single else url if url.endswith("/") else url + "/"
@@ -119,26 +124,30 @@ def _plan_url(dataset: str, url: str, retry: RetryPolicy, log: logging.Logger) -
     archives = [single] if single else archives_for(dataset)
     found = [Located(a, "url", url if single else base + urllib.parse.quote(a.name),
                      _expected(a, sums, base + "MD5SUMS")) for a in archives]
-    return _require_all(dataset, found, url)
+    return _require_all(dataset, found, url, needs)
 
 
-def _plan_official(dataset: str) -> list[Located]:
-    found = [Located(a, "url", a.url, Expected(a, official=True)) for a in archives_for(dataset) if a.url]
-    return _require_all(dataset, found, "the registry's official URLs (ImageNet has none: it needs a login)")
+def _plan_official(dataset: str, needs: Mapping[str, str]) -> list[Located]:
+    """The registry's URLs of the required archives and of the optional ones the protocol needs."""
+    found = [Located(a, "url", a.url, Expected(a, official=True)) for a in archives_for(dataset)
+             if a.url and (a.required or a.name in needs)]
+    return _require_all(dataset, found, "the registry's official URLs (ImageNet has none: it needs a login)", needs)
 
 
 def plan_sources(dataset: str, source: str, *, retry: RetryPolicy = RetryPolicy(),
-                 log: logging.Logger | None = None) -> list[Located]:
-    """Resolve `source` into one Located per archive to place, refusing when a required one is missing."""
+                 log: logging.Logger | None = None, needs: Mapping[str, str] | None = None) -> list[Located]:
+    """Resolve `source` into one Located per archive to place, refusing when a required one is missing, or an
+    optional one that the protocol needs (`needs`: archive name -> the params that need it; data.inputs)."""
     log = log or _log
+    needs = needs or {}
     archives_for(dataset)  # unknown data set names fail here, naming the known ones
     if source in ("", "builtin"):
         raise ValueError(f"{dataset}: source {source!r} is generated by the fetch stage; pass the folder it wrote")
     if source == OFFICIAL:
-        return _plan_official(dataset)
+        return _plan_official(dataset, needs)
     if source.lower().startswith(("http://", "https://")):
-        return _plan_url(dataset, source, retry, log)
-    return _plan_local(dataset, Path(source).expanduser())
+        return _plan_url(dataset, source, retry, log, needs)
+    return _plan_local(dataset, Path(source).expanduser(), needs)
 
 
 def link_or_copy(src: Path, dst: Path, report: FetchReport) -> None:
@@ -227,16 +236,18 @@ def _place(loc: Located, tmp: Path, downloads: Path, retry: RetryPolicy, log: lo
 
 def fetch_dataset(dataset: str, source: str, dest: Path, downloads: Path, *, log: logging.Logger | None = None,
                   retry: RetryPolicy = RetryPolicy(), keep_downloads: bool = True,
-                  progress_every: float = 10.0) -> FetchReport:
+                  progress_every: float = 10.0, needs: Mapping[str, str] | None = None) -> FetchReport:
     """Place data set `dataset` from `source` into `dest` (= data/raw/<dataset>), whole or not at all.
 
     Downloads go to `downloads` (= data/downloads) and stay there for re-runs unless `keep_downloads`
-    is False. Raises FileNotFoundError (what is missing and where to get it), ChecksumError (file,
+    is False. `needs` (archive name -> reason) makes optional archives required, as the protocol asks
+    (ctxrepro.data.inputs). Raises FileNotFoundError (what is missing and where to get it), ChecksumError (file,
     expected, actual), extract.ArchiveError (archive, member: unsafe, truncated or corrupt) or
     download.DownloadError.
     """
     log = log or _log
-    plan = plan_sources(dataset, source, retry=retry, log=log)
+    needs = needs or {}
+    plan = plan_sources(dataset, source, retry=retry, log=log, needs=needs)
     report = FetchReport(dataset, source)
     expected, all_real, trees_done = 0, True, set()
     with atomic_dir(dest) as tmp:
@@ -248,8 +259,9 @@ def fetch_dataset(dataset: str, source: str, dest: Path, downloads: Path, *, log
             try:
                 verdict, tally = _place(loc, tmp, Path(downloads), retry, log, report, progress_every)
             except NotFoundError as e:
-                if loc.archive.required:
-                    raise FileNotFoundError(f"{dataset}: {e}.{_help(dataset)}") from e
+                if loc.archive.required or loc.archive.name in needs:
+                    why = f" (needed by {needs[loc.archive.name]})" if loc.archive.name in needs else ""
+                    raise FileNotFoundError(f"{dataset}: {e}{why}.{_help(dataset)}") from e
                 continue  # an optional archive the mirror lacks: warned about below
             _record(report, loc, verdict, tally, log)
             if tally.images or loc.archive.images:

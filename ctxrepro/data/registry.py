@@ -85,9 +85,13 @@ ARCHIVES: tuple[Archive, ...] = (
             Checksum("md5", "e51209f4960b73c014d5fdeccc24b669", verified=False),
             _FAIR + "nyuv2_surfacenormal_metadata.zip", "extract", "surfacenormal_metadata", required=False,
             note="FAIR normals ground truth; normals can be computed from depth without it"),
-    Archive("selective_search_data.tgz", "selective_search", None,
-            Checksum("md5", "7078c1db87a7851b31966b96774cd9b9"), None, "extract", "selective_search_data",
-            note="Fast R-CNN proposals, about 0.5 GB, from a dropbox link in Fast R-CNN's fetch script"),
+    # Fast R-CNN's precomputed selective search boxes (data/scripts/fetch_selective_search_data.sh: this URL and
+    # md5; "0.5G", no exact size published). Placed beside VOCdevkit, as proposals.source=mat reads VOC 2007's.
+    Archive("selective_search_data.tgz", "voc2007", None,
+            Checksum("md5", "7078c1db87a7851b31966b96774cd9b9"),
+            "https://dl.dropboxusercontent.com/s/orrt7o6bp6ae0tc/selective_search_data.tgz", "extract",
+            "selective_search_data", required=False,
+            note="Fast R-CNN's selective search boxes, about 0.5 GB; needed only by proposals.source=mat"),
 )
 
 DATASETS: tuple[str, ...] = tuple(sorted({a.dataset for a in ARCHIVES}))

@@ -80,7 +80,8 @@ def read_mat(path: Path, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
     (then the file must hold exactly one cell per image of the set)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no selective search .mat file (Fast R-CNN's fetch_selective_search_data.sh)")
+        raise FileNotFoundError(f"{path}: no selective search .mat file; fetch places Fast R-CNN's "
+                                f"selective_search_data.tgz there (from fetch.voc2007_source, or official)")
     data = loadmat(path)
     if "boxes" not in data:
         raise ValueError(f"{path}: no variable 'boxes' (found {sorted(k for k in data if not k.startswith('__'))})")

@@ -1,6 +1,6 @@
 """NYUv2 data for the surface-normal experiment (paper section 4.4; docs/DATA.md "NYUv2 surface normals").
 
-Ground truth, from the first source available (the issue's order):
+Ground truth, as `normals.gt_source` chooses (a missing file is an error, never a fall-back to the other):
 1. the FAIR benchmark's `surfacenormal_metadata/all_normals.pklz` (normals and valid-depth masks, courtesy
    of Ladicky et al. 2014) with its `vocab40.mat` codebook;
 2. normals computed from the sensor's depth (`rawDepths`) by local plane fitting
@@ -38,7 +38,7 @@ LABELED = "nyu_depth_v2_labeled.mat"
 SPLITS = "splits.mat"
 NORMALS_PKLZ = "surfacenormal_metadata/all_normals.pklz"
 VOCAB = "surfacenormal_metadata/vocab40.mat"
-GT_SOURCES = ("auto", "fair", "depth")
+GT_SOURCES = ("fair", "depth")
 
 GroundTruth = Callable[[int], tuple[np.ndarray, np.ndarray]]  # NYU index -> (normals (H, W, 3), valid (H, W))
 
@@ -82,14 +82,15 @@ def open_nyu(nyu_dir: Path) -> tuple[NyuLabeled, np.ndarray, np.ndarray]:
 
 
 def ground_truth(nyu_dir: Path, source: str, nyu: NyuLabeled, fit: PlaneFit) -> tuple[GroundTruth, str]:
-    """(provider, "fair" | "depth") for `source` in GT_SOURCES; auto = fair when its pickle exists."""
+    """(provider, "fair" | "depth") for `source` in GT_SOURCES; a missing FAIR pickle is an error, never a
+    silent fall-back to depth (that would change Table 2's protocol)."""
     if source not in GT_SOURCES:
         raise ValueError(f"ground truth source {source!r} is not one of {GT_SOURCES}")
     pklz = nyu_dir / NORMALS_PKLZ
     if source == "fair" and not pklz.is_file():
         raise FileNotFoundError(f"{pklz} not found: fetch nyuv2 with nyuv2_surfacenormal_metadata.zip, or use "
                                 f"normals.gt_source=depth")
-    if source == "fair" or (source == "auto" and pklz.is_file()):
+    if source == "fair":
         return FairGroundTruth(pklz, len(nyu)), "fair"
     return DepthGroundTruth(nyu, fit), "depth"
 

@@ -2,8 +2,8 @@
 
 The paper fine-tunes its colour-dropping network "following the finetuning procedure of Wang et al. [57]";
 the FAIR self-supervision benchmark's release of that protocol (docs/METHOD.md "Transfer") is what this follows:
-- a codebook of 40 normals, k-means clusters of training normals (`vocab40.mat` when given, else
-  `kmeans_codebook` on the training split);
+- a codebook of 40 normals, k-means clusters of training normals (the benchmark's `vocab40.mat`, or
+  `kmeans_codebook` on the training split when `normals.codebook: kmeans` asks for it);
 - the trunk (conv1..conv6b of Figure 6, `ctxrepro.transfer.trunk.load_trunk`) with a small conv head that
   classifies every cell of the trunk's coarse output grid into a codeword (cross-entropy; cells without
   enough ground truth are ignored);

@@ -112,7 +112,7 @@ def _stage_inputs(p: dict, root: Path, inst: Instance) -> list[Input]:
     fetch placed in data/raw (or the world generated), plus their own files and weights."""
     if inst.stage == "fetch":
         return [i for i in inputs.archive_inputs(p, root, fetched=False) if inst.name in i.needed_by]
-    own = inputs.proposal_inputs(p, root) + inputs.weights_inputs(p)
+    own = inputs.weights_inputs(p)
     placed = inputs.archive_inputs(p, root, fetched=True)
     late = [i if i.status in ("fetched", "generated") else
             Input(i.name, i.kind, i.where, "missing", i.needed_by, i.required,

@@ -2,7 +2,7 @@
 
 Inputs are the data sets' archives (from the fetch sources), the ILSVRC2012 devkit and val tar (the
 linear probes' labels), the FAIR normals with their codebook (Table 2), Fast R-CNN's selective-search
-`.mat` files (proposals.source: mat) and torchvision's ImageNet weights. The check is cheap: a file's
+archive (proposals.source: mat) and torchvision's ImageNet weights. The check is cheap: a file's
 size against the registry (fetch hashes every byte later), never its checksum.
 """
 
@@ -12,15 +12,13 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ctxrepro.data.inputs import SELECTIVE_SEARCH
 from ctxrepro.data.registry import IMAGENET_HELP, Archive, archives_for, parse_md5sums
 from ctxrepro.preflight.plan import variant
 
 DATASETS = ("imagenet", "voc2007", "voc2011", "nyuv2")
 PROBLEMS = ("missing", "wrong size")
 FAIR_ZIP = "nyuv2_surfacenormal_metadata.zip"
-SS_HELP = ("Fast R-CNN's selective_search_data.tgz (about 0.5 GB; the dropbox link in Fast R-CNN's "
-           "data/scripts/fetch_selective_search_data.sh): unpack it into proposals.mat_dir, "
-           "or set proposals.source: opencv")
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,8 @@ class Input:
 def _kind(archive: Archive) -> str:
     if archive.name == "ILSVRC2012_devkit_t12.tar.gz":
         return "devkit"
+    if archive.name == SELECTIVE_SEARCH:
+        return "proposals"
     return "normals" if archive.name == FAIR_ZIP else "archive"
 
 
@@ -53,6 +53,8 @@ def _needed(p: dict, archive: Archive) -> tuple[bool, tuple[str, ...]]:
     probes = tuple(f"linear_probe@{n}" for n in p["linear_probe"]["networks"])
     if archive.dataset == "imagenet" and not archive.required:
         return bool(probes), probes  # val labels (devkit) and val images: only the linear probes read them
+    if archive.name == SELECTIVE_SEARCH:  # Fast R-CNN's boxes, placed by fetch beside VOCdevkit
+        return p["proposals"]["source"] == "mat", ("proposals",)
     if archive.name == FAIR_ZIP:
         normals = p["normals"]
         strict = normals["gt_source"] == "fair" or normals["codebook"] == "vocab"
@@ -124,33 +126,20 @@ def _help(archive: Archive, dataset: str, source: str, detail: str) -> str:
     if dataset == "imagenet":
         return (f"{what}from the same ImageNet (ILSVRC2012) download page (login at https://image-net.org): put it "
                 f"beside the train tar in {source} (fetch.imagenet_source)")
+    if archive.name == SELECTIVE_SEARCH:
+        return (f"{what}Fast R-CNN's selective_search_data.tgz ({archive.url}; fetch.voc2007_source official gets "
+                "it), or set proposals.source: opencv")
     if archive.name == FAIR_ZIP:
         return (f"{what}the FAIR benchmark's normals and vocab40.mat codebook: {archive.url} (fetch.nyuv2_source "
                 "official gets it), or set normals.gt_source/codebook to depth/kmeans (not Table 2's protocol)")
     return f"{what}put it in {source} or set fetch.{dataset}_source: official ({archive.url})"
 
 
-def proposal_inputs(p: dict, root: Path) -> list[Input]:
-    """Fast R-CNN's selective-search boxes, read from proposals.mat_dir when proposals.source is mat."""
-    section = p["proposals"]
-    if section["source"] != "mat":
-        return []
-    shown = Path(section["mat_dir"] or ".")
-    folder = shown if shown.is_absolute() else root / shown
-    found = []
-    for split in section["splits"]:
-        name = f"voc_2007_{split}.mat"
-        status = "present" if (folder / name).is_file() else "missing"
-        found.append(Input(name, "proposals", str(shown / name), status, ("proposals",),
-                           detail="" if status == "present" else SS_HELP))
-    return found
-
-
 def weights_inputs(p: dict, torch_hub: Path | None = None) -> list[Input]:
     """torchvision's ImageNet weights: cached under the torch hub dir, else downloaded on first use."""
     users: dict[tuple[str, str], list[str]] = {}
     for key, r in p["convert"]["rows"].items():
-        if r["init"] in ("imagenet", "imagenet_rescale"):
+        if r["init"] in ("imagenet", "imagenet_rescale", "imagenet_alexnet"):
             users.setdefault((p["convert"]["imagenet_weights"], variant(p, r["variant"])["tower"]), []).append(
                 f"convert@{key}")
     if p["nn"]["imagenet_weights"]:
@@ -191,7 +180,7 @@ def _weights(source: str, tower: str, needers: tuple[str, ...], torch_hub: Path 
 
 def required_inputs(p: dict, root: Path, fetched: bool = False, torch_hub: Path | None = None) -> list[Input]:
     """All external inputs of the profile `p` (every section, raw) for the checkout at `root`."""
-    return archive_inputs(p, root, fetched) + proposal_inputs(p, root) + weights_inputs(p, torch_hub)
+    return archive_inputs(p, root, fetched) + weights_inputs(p, torch_hub)
 
 
 def for_instance(inputs: list[Input], name: str) -> list[Input]:

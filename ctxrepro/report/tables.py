@@ -311,7 +311,20 @@ def table2(run: RunData) -> list[str]:
             rows.append((f"`{init}` (ours, no paper row)", *(fixed(m.get(k)) for k in keys)))
     head = ("NYUv2", "mean (°, lower better)", "median (°)", "≤11.25° (%)", "≤22.5° (%)", "≤30° (%)",
             "RMSE (°)")
-    return lines + md_table(head, rows) + ["", IMAGENET_NOTE]
+    return lines + md_table(head, rows) + ["", normals_protocol(run, inits), "", IMAGENET_NOTE]
+
+
+def normals_protocol(run: RunData, inits: Sequence[str]) -> str:
+    """Each run's ground truth and codebook, from its metrics: the paper's protocol is `fair` with `vocab`."""
+    def one(init: str) -> str:
+        m = run.metrics[f"normals/{init}"]
+        if "gt_source" not in m or "codebook" not in m:
+            return f"`{init}`: not recorded"
+        size = count(m.get("codebook_size"))
+        return f"`{init}`: ground truth `{m['gt_source']}`, codebook `{m['codebook']}` ({size})"
+    runs = "; ".join(one(init) for init in inits) or NOT_RUN
+    return ("Ground truth and codebook (Table 2's protocol: the FAIR benchmark's normals `fair` and its vocab40.mat "
+            f"`vocab`): {runs}.")
 
 
 # --- section 4.6 ----------------------------------------------------------------------------------------------

@@ -143,13 +143,42 @@ def normalize_layer(layer: nn.Module, mean: Tensor, var: Tensor, beta: float, ep
     return int(dead.sum())
 
 
+def conv_positions(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) of the output positions of `conv` on a height x width input (as F.unfold counts them)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def receptive_fields(x: Tensor, conv: nn.Conv2d, positions: Tensor) -> Tensor:
+    """Rows `positions` of F.unfold(x).transpose(1, 2).reshape(B * L, D), the receptive fields (zero padding
+    included) that `conv` sees at those output positions (b * L + l), gathered without unfolding the batch:
+    memory is that of the rows kept, not the B * L * D of the whole unfold (7.6 GB for VGG-16 conv1_2 at
+    227 px and batch 64)."""
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise ValueError(f"receptive_fields: padding {conv.padding!r} ({conv.padding_mode}) is not an explicit "
+                         "zero padding")
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    out_h, out_w = conv_positions(conv, h, w)
+    positions = positions.to(x.device)
+    b, spot = positions // (out_h * out_w), positions % (out_h * out_w)
+    ys = (spot // out_w)[:, None] * sh - ph + torch.arange(kh, device=x.device) * dh  # (n, kh)
+    xs = (spot % out_w)[:, None] * sw - pw + torch.arange(kw, device=x.device) * dw  # (n, kw)
+    inside = ((ys >= 0) & (ys < h))[:, None, :, None] & ((xs >= 0) & (xs < w))[:, None, None, :]
+    rows = x[b[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+             ys.clamp(0, h - 1)[:, None, :, None], xs.clamp(0, w - 1)[:, None, None, :]]  # (n, C, kh, kw)
+    return torch.where(inside, rows, torch.zeros((), dtype=x.dtype, device=x.device)).reshape(len(positions), -1)
+
+
 @torch.no_grad()
 def gather_inputs(layers: Layers, index: int, data: Tensor, max_samples: int, batch: int,
                   gen: torch.Generator, device: str | torch.device = "cpu") -> Tensor:
     """Up to `max_samples` input vectors of weight layer `index` (rows of what it multiplies by W).
 
     For a convolution a vector is one receptive field (with its zero padding, as the layer sees it),
-    drawn uniformly from every batch in equal shares; for a linear layer, one input row.
+    drawn uniformly from every batch in equal shares; for a linear layer, one input row. Positions are drawn
+    first and only their fields are gathered (`receptive_fields`), so memory beyond the layer's input is
+    bounded by the rows kept; the draw is the one a whole unfold would be sampled with, so the rows are too.
     """
     layer = layers[index][1]
     n_batches = max(1, math.ceil(len(data) / batch))
@@ -158,10 +187,11 @@ def gather_inputs(layers: Layers, index: int, data: Tensor, max_samples: int, ba
     for xb in batches(data, batch):
         x = run_layers(layers, xb.to(device), index)
         if isinstance(layer, nn.Conv2d):
-            x = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (B, D, L)
-            x = x.transpose(1, 2).reshape(-1, x.shape[1])
-        pick = torch.randperm(len(x), generator=gen)[:quota]
-        rows.append(x[pick.to(x.device)].float().cpu())
+            total = len(x) * math.prod(conv_positions(layer, x.shape[2], x.shape[3]))
+            rows.append(receptive_fields(x, layer, torch.randperm(total, generator=gen)[:quota]).float().cpu())
+        else:
+            pick = torch.randperm(len(x), generator=gen)[:quota]
+            rows.append(x[pick.to(x.device)].float().cpu())
     return torch.cat(rows)[:max_samples]
 
 
