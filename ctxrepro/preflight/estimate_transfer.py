@@ -51,7 +51,10 @@ def _grid(p: dict, tower: str) -> int:
 
 def network_bytes(p: dict, key: str) -> int:
     """float32 bytes of row `key`'s converted network: Figure 6's, or CaffeNet's shape for the rescale rows."""
-    if row(p, key)["init"] not in RESCALE_INITS:
+    init = row(p, key)["init"]
+    if init in ("imagenet_alexnet", "scratch_alexnet"):
+        return nets.FLOAT * nets.alexnet_rcnn_params(p["convert"]["classes"])
+    if init not in RESCALE_INITS:
         return nets.FLOAT * _figure6(p, key)
     tower, width, _ = _tower(p, key)
     cv = p["convert"]
@@ -61,11 +64,13 @@ def network_bytes(p: dict, key: str) -> int:
 
 
 def _kmeans_memory(p: dict, key: str) -> int:
-    """The k-means init's peak: the widest conv's unfolded batch (kept plus its copy), or fc6's whitening
-    (its inputs, covariance and eigenvectors in float64), whichever is larger (transfer/rescale.py)."""
+    """The k-means init's peak: the batch's forward pass to the widest conv's input and its output (positions are
+    sampled before their receptive fields are gathered, so only the kept rows are unfolded: bench/README.md
+    "k-means convert memory"), or fc6's whitening (its inputs, covariance and eigenvectors in float64),
+    whichever is larger (transfer/rescale.py). A 3x3 kernel's unfold is 9 times its input."""
     cv = p["convert"]
     tower, width, _ = _tower(p, key)
-    unfold = 2 * cv["batch"] * nets.widest_unfold(tower, width, cv["input_side"]) * nets.FLOAT
+    unfold = 2 * cv["batch"] * nets.widest_unfold(tower, width, cv["input_side"]) // 9 * nets.FLOAT
     d = nets.fc6_inputs(tower, width, _grid(p, tower))
     crops = cv["fit_images"] * cv["crops_per_image"]
     whiten = 8 * (2 * min(crops, cv["kmeans_samples"]) * d + 2 * d * d)
@@ -90,15 +95,28 @@ def proposals(p: dict, c: Counts, key: str | None = None) -> Estimate:
     return Estimate(cached=cache, memory=BASE_MEMORY + loaded + pr["workers"] * WORKER_MEMORY)
 
 
+def _fc7_cache(p: dict, c: Counts, key: str) -> int:
+    """float16 fc7 of every cached window of an R-CNN row (detection/rcnn: ground truth plus proposals per
+    trainval image; the test proposals too under `cache: all`), kept in its state folder between runs."""
+    r, init = p["detect"]["rcnn"], row(p, key)["init"]
+    if p["detect"]["protocol"].get(init) != "rcnn" or r["cache"] == "none":
+        return 0
+    fc7 = 4096 if init.endswith("_alexnet") else p["convert"]["fc7"]
+    boxes = r["max_proposals"] or PROPOSAL_BOXES
+    windows = c.voc07_trainval * (boxes + 3) + (c.voc07_test * boxes if r["cache"] == "all" else 0)
+    return windows * fc7 * 2
+
+
 def detect(p: dict, c: Counts, key: str) -> Estimate:
     d = p["detect"]
     weights = network_bytes(p, key)
-    state = weights * (1 + slots(d))
+    state = weights * (1 + slots(d))  # a finished run keeps one state; a running one its previous too
     results = c.voc07_test * len(d["classes"]) * DETECTION_BYTES
     batch = d["images_per_batch"] * d["scale"] * d["max_size"] * 3 * nets.FLOAT
     memory = (BASE_MEMORY + ROIDB_IMAGE * (c.voc07_trainval + c.voc07_test) + 2 * state
               + d["workers"] * (WORKER_MEMORY + 2 * batch))
-    return Estimate(cached=weights + results, uncached=state, scratch=state, memory=memory)
+    return Estimate(cached=weights + results, uncached=state + _fc7_cache(p, c, key), scratch=2 * state,
+                    memory=memory)
 
 
 def normals(p: dict, c: Counts, key: str) -> Estimate:

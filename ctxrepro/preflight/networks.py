@@ -66,3 +66,13 @@ def fc6_inputs(tower: str, width: int, roi_pool: int) -> int:
     body, _ = body_layers(tower, width or DEFAULT_WIDTH[tower])
     c5 = [m for _, m in body if isinstance(m, nn.Conv2d)][-1].out_channels
     return c5 * roi_pool * roi_pool
+
+
+def alexnet_rcnn_params(classes: int) -> int:
+    """Parameters of the R-CNN AlexNet rows (ImageNet-R-CNN, Scratch-R-CNN): torchvision's one-column AlexNet
+    with a new `classes`-way fc8 in place of its 1000-way one."""
+    from torchvision.models import alexnet
+
+    with torch.device("meta"):
+        net = alexnet(weights=None, num_classes=classes)
+    return _numel(net)
