@@ -168,7 +168,7 @@ def sgd_step(heads: LinearHeads, opt: torch.optim.Optimizer, feats: dict[str, Te
     opt.zero_grad(set_to_none=True)
     total.backward()
     opt.step()
-    return {k: float(v) for k, v in losses.items()}
+    return {k: float(v.detach()) for k, v in losses.items()}
 
 
 def head_optimizer(heads: LinearHeads, cfg: SgdConfig) -> torch.optim.Optimizer:
