@@ -45,8 +45,8 @@ def train(data: O.TrainSet, state: Path | None, workers: int = 0, after_step=Non
 
 
 def test_every_pass_draws_fresh_views_and_a_new_order(tmp_path):
-    """Mutation caught: crops seeded by the image index (the same view at every pass), or one order for all
-    passes (pass 1 = pass 0)."""
+    """Mutations caught (checked by hand): crops seeded by the image index (the same view at every pass), one
+    order for all passes (pass 1 = pass 0)."""
     data = images(tmp_path)
     pos = O.Positions(data, 0, 24)
     first, second = [pos.image(p) for p in range(6)], [pos.image(p) for p in range(6, 12)]
@@ -59,7 +59,8 @@ def test_every_pass_draws_fresh_views_and_a_new_order(tmp_path):
 
 def test_train_applies_the_step_schedule(tmp_path, monkeypatch):
     """The lr of each iteration as train_heads passes it on: 0.05 for iterations 1-3, 0.005 for 4-6, then
-    0.0005 (lr_step 3, gamma 0.1). Mutation caught: a schedule stepped by the resumed-from iteration or not at all."""
+    0.0005 (lr_step 3, gamma 0.1). Mutations caught (checked by hand): a schedule that never steps (lr_at(0)),
+    passes reported as the iteration count."""
     seen = []
     real = O.sgd_step
     monkeypatch.setattr(O, "sgd_step", lambda h, o, f, y, lr, i: seen.append(lr) or real(h, o, f, y, lr, i))
@@ -88,9 +89,9 @@ def _assert_same_state(a: Path, b: Path) -> None:
 def test_sigkilled_training_resumes_bit_identical(tmp_path):
     """A child SIGKILLs itself right after iteration 5 (the last checkpoint is iteration 4); a rerun (with a
     decoding worker this time) ends with the heads, their standardisation and the optimizer's momentum equal,
-    bit for bit, to an uninterrupted run's. Mutations caught: batches drawn from a generator that is not
-    checkpointed (e.g. one torch.Generator advanced per batch), the standardisation recomputed after a resume
-    from other crops, the checkpoint written before the step it is named after."""
+    bit for bit, to an uninterrupted run's. Mutations caught (each checked by hand): the optimizer's momentum not
+    restored (heads.load_state_dict only), the standardisation recomputed after a resume from other crops, a
+    resume that replays the batches from position 0."""
     data = images(tmp_path / "img")
     train(data, tmp_path / "ref" / "heads.pt")
     script = (

@@ -43,8 +43,8 @@ PUBLISHED_DIMS = {
 
 @pytest.mark.parametrize("tower", sorted(PUBLISHED_DIMS))
 def test_pooled_dims_of_each_network_type_at_the_published_sizes(tower):
-    """Mutation caught: grid_side rounding to the nearest grid instead of the largest under `dims` (conv1 of
-    AlexNet 96 * 11^2 = 11,616), or pooling to a fixed 9,000 cap (conv1 96 * 9^2 = 7,776)."""
+    """Mutation caught (checked by hand): grid_side rounding to the nearest square grid instead of the largest
+    under `dims` (VGG-16's conv2: 128 * 9^2 = 10,368)."""
     torch.manual_seed(0)
     taps = L.LayerTaps(build_tower(tower, 96 if tower in ("alexnet", "vgg16") else 224), 96, 227, 9800,
                        layers=("conv1", "conv2", "conv3", "conv4", "conv5"))
@@ -144,9 +144,8 @@ def _train_online(labels_of, iterations=60, seed=0):
 
 def test_softmax_head_separates_separable_data():
     """Scored on held-out samples, against a negative control trained on permuted labels.
-    Mutations caught: sgd_step without opt.step() (held-out top-1 ~1/10), sgd_step taking the cross-entropy against
-    labels misaligned with their rows (y.roll(1): chance), a head scoring its training batch instead of new data
-    (the control would then pass 0.95 too)."""
+    Mutations caught (checked by hand): sgd_step without opt.step() (held-out top-1 ~1/10), sgd_step taking the
+    cross-entropy against labels misaligned with their rows (y.roll(1): chance)."""
     heads, centres, rng = _train_online(lambda y: y)
     x, y = _clusters(rng, 600, centres)  # held out: drawn after training
     with torch.no_grad():
@@ -163,7 +162,7 @@ def test_softmax_head_separates_separable_data():
 def test_one_sgd_step_by_hand():
     """From zero weights the first step is -lr * grad (momentum buffer empty, weight decay on 0), with grad of the
     mean cross-entropy = (softmax - onehot)^T x / B, softmax uniform. Mutations caught: sgd_step not setting
-    the group's lr (the optimizer's 0.01 would be used), or standardising with std * std."""
+    the group's lr (the optimizer's 0.01 would be used), or standardising with std * std (both checked by hand)."""
     heads = O.LinearHeads({"fc6": 4}, 2)
     heads.mean_fc6.fill_(1.0)
     heads.std_fc6.fill_(2.0)
@@ -179,7 +178,7 @@ def test_one_sgd_step_by_hand():
 
 def test_lr_schedule_and_passes_by_hand():
     """Caffe's step policy at the published schedule: 0.01, x0.1 at 40k, 80k and 120k (0-based iterations).
-    Mutations caught: a step one iteration late (i // lr_step computed from i - 1), gamma applied once only."""
+    Mutation caught (checked by hand): a step one iteration early ((i + 1) // lr_step)."""
     cfg = H.SgdConfig()
     assert [O.lr_at(i, cfg) for i in (0, 39_999)] == [0.01, 0.01]
     assert O.lr_at(40_000, cfg) == pytest.approx(1e-3) and O.lr_at(79_999, cfg) == pytest.approx(1e-3)
@@ -196,8 +195,8 @@ def _blobs(rng, n, positive_every=3):
 
 def test_voc_svm_on_separable_data():
     """Trained on one draw, scored on another (held out), against a negative control trained on permuted labels.
-    Mutations caught: decision scores negated in _one_class (held-out AP ~0.3), svm_class fitting on the labels
-    of another class or column (permuted: the control's ~0.45)."""
+    Mutations caught (checked by hand): decision scores negated in _one_class, the training labels flipped
+    (positives as -1) in svm_class."""
     rng = np.random.default_rng(1)
     x, labels = _blobs(rng, 60)
     test_x, test_labels = _blobs(rng, 90)
@@ -216,8 +215,8 @@ def test_voc_svm_on_separable_data():
 def test_only_difficult_training_images_are_negatives_as_goyal_et_al():
     """Goyal et al.'s train_svm_kfold.py turns every label but 1 into -1: an only-difficult image is a negative.
     Here they look like positives plus an axis of their own, so only a negative weight on that axis tells them
-    apart. Mutation caught: leaving them out of training (a `labels != 0` filter, the code before): the weight
-    is then +0.08 (-1.85 here)."""
+    apart. Mutation caught (checked by hand): leaving them out of training (a `labels != 0` filter, the code
+    before): the weight is then +0.08 (-1.85 here)."""
     rng = np.random.default_rng(2)
     x, labels = _blobs(rng, 90)
     difficult = np.arange(90) % 3 == 1

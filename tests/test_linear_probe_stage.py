@@ -95,9 +95,10 @@ def _params(**kw) -> S.Params:
 def test_stage_writes_metrics_and_plots_and_changes_no_weight(tmp_path):
     """Vertical vs horizontal stripes: some layer separates them on val (top-1 1.0), and the same run with val's
     labels swapped must score exactly 1 - that on every layer (2 classes, the same heads: the state resumes),
-    an expectation independent of the trunk. Mutations caught: O.top1 not advancing `row` (val's second batch
-    of 4 scored against the first batch's labels: 0.5), top-1 scored against training labels or any list other
-    than val's own (the swapped run would not mirror), imagenet_passes from the iterations alone."""
+    an expectation independent of the trunk. Mutations caught (each checked by hand): O.top1 not advancing `row`
+    (val's second batch of 4 scored against the first batch's labels: 0.5), val's labels sorted (a consistent
+    relabelling of val alone: 0.0), top-1 scored on the training images (1.0 too, but the swapped run does not
+    mirror it)."""
     _imagenet(tmp_path)
     _voc(tmp_path)
     digest = _export(tmp_path)
