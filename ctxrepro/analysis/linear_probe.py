@@ -7,8 +7,9 @@ benchmark of a self-supervised representation, layer by layer.
   for CaffeNet's 96-256-384-384-256 channels: 10/6/5/5/6 cells, 9,600 / 9,216 / 9,600 / 9,600 / 9,216 dims
   (Zhang et al. 2017 resize to these; Goyal et al.'s released alexnet_*_finetune_linear.py average-pool to
   them), and 9,216 / 9,408 / 9,600 / 9,216 / 9,216 for torchvision's 64-192-384-256-256 AlexNet. No square grid
-  puts 128 or 512 channels in 9,000..9,800, so VGG-16's conv2 (128) and conv4/conv5 (512) get 8,192. fc6 is applied as a convolution over the pool5 map (its kernel
-  is pool5's side at the pretext input, as Figure 6's conv6), followed by its batch norm and ReLU. torchvision's
+  puts 128 or 512 channels in 9,000..9,800, so VGG-16's conv2 (128) and conv4/conv5 (512) get 8,192. fc6 is
+  applied as a convolution over the pool5 map (its kernel is pool5's side at the pretext input, as Figure 6's
+  conv6), followed by its batch norm and ReLU. torchvision's
   towers (`tv_alexnet`, `tv_vgg16`: no bn6) read pool5 through torchvision's own `avgpool` (adaptive, to fc6's
   kernel side), so their fc6 is exactly torchvision's `classifier[1]` + ReLU at any input size.
 - Whole images, not patches: the probes classify images, as Figure 6's trunk sees them (227 px in the paper).
@@ -17,8 +18,9 @@ benchmark of a self-supervised representation, layer by layer.
   RGB), and the RMS-50 scale. The ImageNet-supervised network (`imagenet_net`) gets torchvision's normalisation
   instead: (x / 255 - mean) / std per channel, the input its weights were trained on.
 - `extract` streams each layer's features to a .npy memmap (float16), batch by batch: a data set never
-  sits in memory (the VOC07 SVMs' features; the ImageNet heads train online, `linear_online`). The network is put in eval mode with gradients off; `weights_digest` lets the caller
-  check that no weight (running statistics included) changed.
+  sits in memory (the VOC07 SVMs' features; the ImageNet heads train online, `linear_online`). The network is
+  put in eval mode with gradients off; `weights_digest` lets the caller check that no weight (running
+  statistics included) changed.
 """
 
 from __future__ import annotations

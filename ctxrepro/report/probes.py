@@ -4,8 +4,8 @@ columns, with the published numbers for this paper's network where a later publi
 The paper (2015) has no linear probes. Zhang, Isola, Efros (CVPR 2017, split-brain autoencoders) Table 2 gives
 ImageNet linear top-1 from conv1..conv5 of Doersch et al.'s network (frozen, features resized to 9,216-9,600
 dims), and of the supervised ("ImageNet labels") and randomly initialised ("Gaussian") CaffeNet: printed beside
-our color_dropping / projection, imagenet and random rows; no fc6 value is printed there. Goyal et al. (ICCV 2019) do not evaluate Doersch et al.'s network, so the VOC07
-SVM column has no published value for it.
+our color_dropping / projection, imagenet and random rows; no fc6 value is printed there. Goyal et al. (ICCV
+2019) do not evaluate Doersch et al.'s network, so the VOC07 SVM column has no published value for it.
 
 The `imagenet` row (when metrics/linear_probe/imagenet.json exists) is an ImageNet-supervised network probed the
 same way: Zhang et al.'s upper reference. Its label says where the weights came from (the metrics'
