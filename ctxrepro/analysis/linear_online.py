@@ -235,7 +235,8 @@ def top1(taps: LayerTaps, heads: LinearHeads, paths: Sequence[Path], labels: np.
     correct: dict[str, int] = {}
     labels, row = np.asarray(labels), 0
     with torch.no_grad():
-        for x in DataLoader(ImageViews(paths, spec), batch_size=rt.batch, num_workers=rt.workers):
+        loader = DataLoader(ImageViews(paths, spec), batch_size=rt.batch, num_workers=rt.workers)
+        for x in track(loader, desc="linear heads top-1", unit="batch"):
             y = labels[row:row + len(x)]
             for k, s in heads(_features(taps, x.flatten(0, 1), color, rt)).items():
                 correct[k] = correct.get(k, 0) + int((s.argmax(1).cpu().numpy() == y).sum())

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from ctxrepro.data.images import read_rgb
 from ctxrepro.pretext.color import PatchAugment, preprocess
 from ctxrepro.pretext.model import conv_output
+from ctxrepro.progress import track
 from ctxrepro.seeds import generator
 from ctxrepro.transfer.imagenet import TORCHVISION, TRAIN_SIDE, imagenet_normalize, load_imagenet
 from ctxrepro.transfer.trunk import fc_to_conv
@@ -260,7 +261,7 @@ def extract(taps: LayerTaps, data: ImageViews, out_dir: Path, color: str, device
     loader = DataLoader(data, batch_size=max(1, batch // k), num_workers=workers)
     start, row = time.perf_counter(), 0
     with torch.inference_mode():
-        for images in loader:
+        for images in track(loader, desc=f"features {out_dir.name}", unit="batch"):
             b = images.shape[0]
             x = network_input(images.flatten(0, 1).to(device), color)
             for name, f in taps(x).items():
