@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 
@@ -92,13 +93,13 @@ def _params(**kw) -> S.Params:
 
 
 @pytest.mark.slow
-def test_stage_writes_metrics_and_plots_and_changes_no_weight(tmp_path):
+def test_stage_writes_metrics_and_plots_and_changes_no_weight(tmp_path, caplog):
     """Vertical vs horizontal stripes: some layer separates them on val (top-1 1.0), and the same run with val's
     labels swapped must score exactly 1 - that on every layer (2 classes, the same heads: the state resumes),
     an expectation independent of the trunk. Mutations caught (each checked by hand): O.top1 not advancing `row`
     (val's second batch of 4 scored against the first batch's labels: 0.5), val's labels sorted (a consistent
     relabelling of val alone: 0.0), top-1 scored on the training images (1.0 too, but the swapped run does not
-    mirror it)."""
+    mirror it), the VOC07 cache key without the pooling grids (a dims change would reuse stale features)."""
     _imagenet(tmp_path)
     _voc(tmp_path)
     digest = _export(tmp_path)
@@ -115,8 +116,15 @@ def test_stage_writes_metrics_and_plots_and_changes_no_weight(tmp_path):
     assert (tmp_path / "plots/linear_probe/color_dropping.png").is_file()
     assert (tmp_path / S.STATE / "color_dropping" / "heads.pt").is_file()
     _swap_val_labels(tmp_path)
-    S.run(_params(), ctx)  # resumes at the end: the same heads, scored against the swapped labels
+    with caplog.at_level("INFO"):
+        S.run(_params(), ctx)  # resumes at the end: the same heads, scored against the swapped labels
+    assert "resuming from" in caplog.text and "voc07 trainval: cached features" in caplog.text
     swapped = json.loads((tmp_path / "metrics/linear_probe/color_dropping.json").read_text())
+    assert swapped["voc07_ap"] == m["voc07_ap"]  # the cached VOC07 features give the same SVMs
+    caplog.clear()
+    with caplog.at_level("INFO"):  # other pooling: neither the heads nor the cached features are reused
+        S.run(dataclasses.replace(_params(), dims=128, layers=("conv1",)), ctx)
+    assert "cached features" not in caplog.text and "starting afresh" in caplog.text
     for layer, top1 in m["imagenet_top1"].items():
         assert swapped["imagenet_top1"][layer] == pytest.approx(1.0 - top1), layer
     random = S.Params(network="random", dims=256, input_side=64, resize=72, batch=8, workers=0, voc_classes=CLASSES,
