@@ -118,4 +118,4 @@ def test_stage_probes_the_imagenet_network_and_records_its_source(tmp_path):
     assert m["weights_unchanged"] and m["weights_sha256"] == L.weights_digest(fresh.frozen)
     assert m["dims"]["fc6"] == 4096  # torchvision's fc6, one position after its avgpool
     assert (tmp_path / "plots/linear_probe/imagenet.csv").is_file()
-    assert not (tmp_path / S.SCRATCH / "imagenet").exists()
+    assert len(list((tmp_path / S.STATE / "imagenet").glob("*/last.pt"))) == 1  # the resumable state, kept

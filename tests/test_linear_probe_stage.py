@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 
@@ -75,24 +76,57 @@ def _export(root):
     return L.weights_digest(model)
 
 
+def _swap_val_labels(root):
+    """The negative control: every val image's label in the world index swapped (bus <-> car), the pixels kept."""
+    path = root / "data/raw/world_index.json"
+    index = json.loads(path.read_text())
+    for source, entry in index.items():
+        if source.startswith("imagenet/val/"):
+            entry["category"] = CLASSES[1 - CLASSES.index(entry["category"])]
+    path.write_text(json.dumps(index))
+
+
+def _params(**kw) -> S.Params:
+    return S.Params(network="color_dropping", dims=256, input_side=64, resize=72, batch=4, workers=0,
+                    voc_classes=CLASSES, sgd=H.SgdConfig(batch=8, iterations=30, lr=0.05, lr_step=20),
+                    svm=H.SvmConfig(costs=(0.1, 1.0)), **kw)
+
+
 @pytest.mark.slow
-def test_stage_writes_metrics_and_plots_and_changes_no_weight(tmp_path):
+def test_stage_writes_metrics_and_plots_and_changes_no_weight(tmp_path, caplog):
+    """Vertical vs horizontal stripes: some layer separates them on val (top-1 1.0), and the same run with val's
+    labels swapped must score exactly 1 - that on every layer (2 classes, the same heads: the state resumes),
+    an expectation independent of the trunk. Mutations caught (each checked by hand): O.top1 not advancing `row`
+    (val's second batch of 4 scored against the first batch's labels: 0.5), val's labels sorted (a consistent
+    relabelling of val alone: 0.0), top-1 scored on the training images (1.0 too, but the swapped run does not
+    mirror it), the VOC07 cache key without the pooling grids (a dims change would reuse stale features)."""
     _imagenet(tmp_path)
     _voc(tmp_path)
     digest = _export(tmp_path)
-    params = S.Params(network="color_dropping", dims=256, input_side=64, resize=72, batch=8, workers=0,
-                      voc_classes=CLASSES, sgd=H.SgdConfig(batch=8, iterations=30, lr=0.05, lr_step=20),
-                      svm=H.SvmConfig(costs=(0.1, 1.0)))
     ctx = StageContext(BaseParams(), "cpu", logging.getLogger("test"), root=tmp_path)
-    S.run(params, ctx)
+    S.run(_params(), ctx)
     m = json.loads((tmp_path / "metrics/linear_probe/color_dropping.json").read_text())
     assert set(m["imagenet_top1"]) == set(L.LAYERS) == set(m["voc07_map"])
     assert m["imagenet_classes"] == 2 and m["imagenet_train_images"] == 12 and m["imagenet_val_images"] == 8
-    # vertical vs horizontal stripes: some layer separates them
+    assert m["imagenet_passes"] == 30 * 8 / 12 and m["imagenet_iterations"] == 30
+    assert m["dims"] == {k: c * L.grid_side(c, s, 256) ** 2 for k, (c, s) in
+                         L.LayerTaps(build_model("small", 32).tower, 32, 64, 256).shapes(64).items()}
     assert max(m["imagenet_top1"].values()) == 1.0 and max(m["voc07_map"].values()) == pytest.approx(1.0)
-    assert m["weights_sha256"] == digest and m["features_per_second"] > 0
+    assert m["weights_sha256"] == digest and m["features_per_second"] > 0 and m["imagenet_images_per_second"] > 0
     assert (tmp_path / "plots/linear_probe/color_dropping.png").is_file()
-    assert not (tmp_path / S.SCRATCH / "color_dropping").exists()  # features are not left behind
+    assert len(list((tmp_path / S.STATE / "color_dropping").glob("*/last.pt"))) == 1
+    _swap_val_labels(tmp_path)
+    with caplog.at_level("INFO"):
+        S.run(_params(), ctx)  # resumes at the end: the same heads, scored against the swapped labels
+    assert "resuming state" in caplog.text and "voc07 trainval: cached features" in caplog.text
+    swapped = json.loads((tmp_path / "metrics/linear_probe/color_dropping.json").read_text())
+    assert swapped["voc07_ap"] == m["voc07_ap"]  # the cached VOC07 features give the same SVMs
+    caplog.clear()
+    with caplog.at_level("INFO"):  # other pooling: neither the heads nor the cached features are reused
+        S.run(dataclasses.replace(_params(), dims=128, layers=("conv1",)), ctx)
+    assert "cached features" not in caplog.text and "no state for this configuration" in caplog.text
+    for layer, top1 in m["imagenet_top1"].items():
+        assert swapped["imagenet_top1"][layer] == pytest.approx(1.0 - top1), layer
     random = S.Params(network="random", dims=256, input_side=64, resize=72, batch=8, workers=0, voc_classes=CLASSES,
                       layers=("conv1",), sgd=H.SgdConfig(batch=8, iterations=5), svm=H.SvmConfig(costs=(1.0,)))
     S.run(random, ctx)

@@ -47,3 +47,17 @@ def test_imagenet_row_says_where_its_weights_came_from(tmp_path):
     (folder / "imagenet.json").write_text(json.dumps({"imagenet_top1": top1, "weights_source": stand_in}))
     text = "\n".join(probes_section(tmp_path, RunData({}, {}, "paper", "abc")))
     assert "| imagenet (torchvision AlexNet, random init: a stand-in, not ImageNet-trained) |" in text
+
+
+def test_published_rows_beside_ours_and_the_protocol_line(tmp_path):
+    folder = tmp_path / "metrics" / "linear_probe"
+    folder.mkdir(parents=True)
+    dims = {"conv1": 9600, "conv2": 9216, "conv3": 9600, "conv4": 9600, "conv5": 9216, "fc6": 4096}
+    (folder / "color_dropping.json").write_text(json.dumps({
+        "imagenet_top1": {"conv1": 0.5}, "imagenet_iterations": 140000, "imagenet_passes": 27.97, "dims": dims,
+        "imagenet_images_per_second": 1234.0}))
+    text = "\n".join(probes_section(tmp_path, RunData({}, {}, "paper", "abc")))
+    assert "| 19.3 | 36.3 | 44.2 | 48.3 | 50.5 | not published |" in text  # ImageNet labels, beside `imagenet`
+    assert "| 11.6 | 17.1 | 16.9 | 16.3 | 14.1 | not published |" in text  # Gaussian, beside `random`
+    assert "Ours: 140,000 iterations, 27.97 fresh crop-and-flip views per training image, 4,096-9,600 dims" in text
+    assert "ImageNet heads trained online, images/s: color_dropping 1234." in text

@@ -147,10 +147,18 @@ def test_smoke_profile_runs_every_stage_at_the_papers_shapes(tmp_path):
     for row, spec in rows.items():
         _check_detect(repo, params, world, row, spec)
     _check_normals(repo, params, world, log)
-    for network in params["linear_probe"]["networks"]:
+    lp = params["linear_probe"]
+    for network in lp["networks"]:
         m = _json(repo, f"metrics/linear_probe/{network}.json")
-        assert set(m["imagenet_top1"]) == set(m["voc07_map"]) == set(params["linear_probe"]["layers"]), network
+        assert set(m["imagenet_top1"]) == set(m["voc07_map"]) == set(lp["layers"]), network
         assert _finite(m["imagenet_top1"].values()) and _finite(m["voc07_map"].values()), network
+        # Zhang et al.'s / Goyal et al.'s feature sizes for every AlexNet-shaped network (VGG-16 has no square
+        # grid in that range), and fresh augmented views: passes = views / training images, above 1 past a pass
+        if network != "vgg16" and not (network == "imagenet" and "vgg16" in lp["imagenet_weights"]):
+            assert all(9000 <= m["dims"][f"conv{k}"] <= 9800 for k in range(1, 6)), (network, m["dims"])
+        views = lp["sgd"]["iterations"] * lp["sgd"]["batch"]
+        assert m["imagenet_passes"] == pytest.approx(views / m["imagenet_train_images"], abs=1e-3), network
+        assert views <= m["imagenet_train_images"] or m["imagenet_passes"] > 1, network
     head = run_in(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     for path in sorted((repo / "metrics").rglob("*.json")):
         assert _json(repo, str(path.relative_to(repo)))["provenance"] == {

@@ -2,10 +2,14 @@
 benchmark of a self-supervised representation, layer by layer.
 
 - `LayerTaps` runs a pretext tower (`ctxrepro.pretext.model`) on whole images and returns, for each of
-  conv1..conv5 (after its ReLU, as Caffe's in-place blobs) and fc6, the map average-pooled to a g x g grid
-  with C * g * g close to `dims` (about 9,000: Zhang et al. 2017 resize to 9,216-9,600 dims; Goyal et al.'s
-  released code average-pools to about 9k). fc6 is applied as a convolution over the pool5 map (its kernel
-  is pool5's side at the pretext input, as Figure 6's conv6), followed by its batch norm and ReLU. torchvision's
+  conv1..conv5 (after its ReLU, as Caffe's in-place blobs) and fc6, the map average-pooled to the largest
+  g x g grid with C * g * g <= `dims` (`grid_side`). With `dims` 9,800 this gives exactly the published sizes
+  for CaffeNet's 96-256-384-384-256 channels: 10/6/5/5/6 cells, 9,600 / 9,216 / 9,600 / 9,600 / 9,216 dims
+  (Zhang et al. 2017 resize to these; Goyal et al.'s released alexnet_*_finetune_linear.py average-pool to
+  them), and 9,216 / 9,408 / 9,600 / 9,216 / 9,216 for torchvision's 64-192-384-256-256 AlexNet. No square grid
+  puts 128 or 512 channels in 9,000..9,800, so VGG-16's conv2 (128) and conv4/conv5 (512) get 8,192. fc6 is
+  applied as a convolution over the pool5 map (its kernel is pool5's side at the pretext input, as Figure 6's
+  conv6), followed by its batch norm and ReLU. torchvision's
   towers (`tv_alexnet`, `tv_vgg16`: no bn6) read pool5 through torchvision's own `avgpool` (adaptive, to fc6's
   kernel side), so their fc6 is exactly torchvision's `classifier[1]` + ReLU at any input size.
 - Whole images, not patches: the probes classify images, as Figure 6's trunk sees them (227 px in the paper).
@@ -14,8 +18,9 @@ benchmark of a self-supervised representation, layer by layer.
   RGB), and the RMS-50 scale. The ImageNet-supervised network (`imagenet_net`) gets torchvision's normalisation
   instead: (x / 255 - mean) / std per channel, the input its weights were trained on.
 - `extract` streams each layer's features to a .npy memmap (float16), batch by batch: a data set never
-  sits in memory. The network is put in eval mode with gradients off; `weights_digest` lets the caller
-  check that no weight (running statistics included) changed.
+  sits in memory (the VOC07 SVMs' features; the ImageNet heads train online, `linear_online`). The network is
+  put in eval mode with gradients off; `weights_digest` lets the caller check that no weight (running
+  statistics included) changed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from ctxrepro.data.images import read_rgb
 from ctxrepro.pretext.color import PatchAugment, preprocess
 from ctxrepro.pretext.model import conv_output
+from ctxrepro.progress import track
 from ctxrepro.seeds import generator
 from ctxrepro.transfer.imagenet import TORCHVISION, TRAIN_SIDE, imagenet_normalize, load_imagenet
 from ctxrepro.transfer.trunk import fc_to_conv
@@ -94,7 +100,7 @@ def tap_names(tower: nn.Sequential) -> dict[str, str]:
 
 
 def grid_side(channels: int, side: int, dims: int) -> int:
-    """g with channels * g * g as close to `dims` as possible without exceeding it (at least 1, at most side)."""
+    """The largest g with channels * g * g <= `dims` (at least 1, at most the map's own side)."""
     return max(1, min(side, math.isqrt(max(1, dims // channels))))
 
 
@@ -255,7 +261,7 @@ def extract(taps: LayerTaps, data: ImageViews, out_dir: Path, color: str, device
     loader = DataLoader(data, batch_size=max(1, batch // k), num_workers=workers)
     start, row = time.perf_counter(), 0
     with torch.inference_mode():
-        for images in loader:
+        for images in track(loader, desc=f"features {out_dir.name}", unit="batch"):
             b = images.shape[0]
             x = network_input(images.flatten(0, 1).to(device), color)
             for name, f in taps(x).items():

@@ -57,13 +57,15 @@ def linear_probe(p: dict, c: Counts, key: str) -> Estimate:
     """Online linear heads on ImageNet (only their checkpoints on disk) and a VOC07 feature cache for the SVMs."""
     lp = p["linear_probe"]
     layers = len(lp["layers"])
-    heads = layers * (lp["dims"] + 1) * IMAGENET_CLASSES * nets.FLOAT
+    classes = p["fetch"]["world"]["imagenet_classes"] if p["fetch"]["imagenet_source"] == "builtin" else IMAGENET_CLASSES
+    heads = layers * (lp["dims"] + 1) * classes * nets.FLOAT
     checkpoint = heads * (2 if lp["sgd"]["momentum"] else 1)
-    voc = (c.voc07_trainval + c.voc07_test) * lp["dims"] * layers * nets.FLOAT
+    voc = (c.voc07_trainval + c.voc07_test) * lp["dims"] * layers * 2  # float16 features, cached per split
     batch = lp["batch"] * 3 * lp["input_side"] ** 2 * nets.FLOAT
     memory = (BASE_MEMORY + 2 * checkpoint + lp["workers"] * (WORKER_MEMORY + 2 * batch)
-              + 2 * voc // max(1, layers))  # the SVMs hold one layer's features (and a standardised copy)
-    return Estimate(uncached=PROBE_OUTS, kept=voc, scratch=checkpoint, memory=memory)
+              + 4 * voc // max(1, layers))  # the SVMs hold one layer's features in float32 (and a copy)
+    # the state is a persist out; a running one keeps its previous state and writes the next beside it
+    return Estimate(uncached=PROBE_OUTS + checkpoint, kept=voc, scratch=2 * checkpoint, memory=memory)
 
 
 def report(p: dict, c: Counts, key: str | None = None) -> Estimate:
