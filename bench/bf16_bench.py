@@ -15,6 +15,8 @@ seconds per step and their ratio. Parameters stay float32 in both arms (autocast
   codewords; batch 2 (the paper profile's 16 would take minutes a step here; the ratio is per image), 2 threads.
 - `detect-tiny`, `normals-tiny`: the same steps at the tiny profile's shapes (small-tower Figure 6 network,
   240 x 320 images; 144 x 192 frames, batch 8, 64-channel head), 1 thread.
+- `embed-tiny`: the analyses' forward pass (pretext_eval, nn, mine): the tiny tower on 512 patches of 32 px.
+- `aberration-tiny`: the aberration stage's regressor step (32 px, width 16, fc 64, batch 128, Adam).
 
     .venv/bin/python bench/bf16_bench.py [--rounds 5] [case ...]
 """
@@ -32,6 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ctxrepro.analysis.aberration import RegressorConfig, build_regressor
 from ctxrepro.detection.model import FastRCNN, multitask_loss
 from ctxrepro.normals.model import build_net, trunk_output
 from ctxrepro.pretext.model import build_model
@@ -115,7 +118,39 @@ def normals_case(threads: int, batch: int = 2, spec: TrunkSpec = PAPER, size: tu
 
 ARMS = {"pretrain-tiny": ("none", "bf16", CL), "pretrain-paper": ("none", "bf16", CL),
         "detect": ("none", "bf16"), "normals": ("none", "bf16"), "detect-tiny": ("none", "bf16"),
-        "normals-tiny": ("none", "bf16")}
+        "normals-tiny": ("none", "bf16"), "embed-tiny": ("none", "bf16", CL), "aberration-tiny": ("none", "bf16")}
+def embed_case(threads: int, patches: int = 512) -> tuple[Step, int]:
+    """The analyses' forward pass (pretext_eval, nn, mine): the tiny small tower embedding 32 px patches."""
+    torch.manual_seed(0)
+    model = build_model("small", 32).eval()
+    models = {"plain": model, "cl": copy.deepcopy(model).to(memory_format=torch.channels_last)}
+    x = torch.randn(patches, 3, 32, 32) * 50
+    xs = {"plain": x, "cl": x.contiguous(memory_format=torch.channels_last)}
+
+    @torch.no_grad()
+    def step(arm: str) -> None:
+        k, amp = ("cl", "bf16") if arm == CL else ("plain", arm)
+        with autocast("cpu", amp):
+            models[k].embed(xs[k])
+    return step, threads
+
+
+def aberration_case(threads: int) -> tuple[Step, int]:
+    """The aberration stage's regressor step at the tiny profile's shapes (32 px, width 16, fc 64, batch 128)."""
+    torch.manual_seed(0)
+    model = build_regressor(RegressorConfig(patch=32, width=16, fc_dim=64)).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(128, 3, 32, 32) * 50, torch.rand(128, 2)
+
+    def step(amp: str) -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast("cpu", amp):
+            pred = model(x)
+        F.mse_loss(pred.float(), y).backward()
+        opt.step()
+    return step, threads
+
+
 CASES = {
     "pretrain-tiny": lambda: pretrain_case("small", 32, 256, 1165, "adam", 1),
     "pretrain-paper": lambda: pretrain_case("alexnet", 96, 512, 2330, "sgd", 2),
@@ -123,6 +158,8 @@ CASES = {
     "normals": lambda: normals_case(2),
     "detect-tiny": lambda: detect_case(1, TINY, (240, 320)),
     "normals-tiny": lambda: normals_case(1, 8, TINY, (144, 192), 64),
+    "embed-tiny": lambda: embed_case(1),
+    "aberration-tiny": lambda: aberration_case(1),
 }
 
 
