@@ -76,7 +76,7 @@ class TrainConfig:
     log_every: int = 100
     min_live_fraction: float = 0.0  # stop when a watched ReLU's live share falls below it (pretext.monitor)
     amp: str = "bf16"  # "bf16", "fp16" (with a grad scaler) or "none", on any device (pretext.precision)
-    channels_last: bool = True  # the caller decides per device (stages/pretrain.py: CUDA only)
+    channels_last: bool = True  # as given; stages/pretrain.py resolves it per device (precision.use_channels_last)
     compile: bool = False
     heldout_images: int = 500  # METHOD.md: pretext accuracy on 500 VOC07 images
     workers: int = 4
