@@ -19,6 +19,12 @@ seconds per step and their ratio. Parameters stay float32 in both arms (autocast
 - `aberration-tiny`: the aberration stage's regressor step (32 px, width 16, fc 64, batch 128, Adam).
 
     .venv/bin/python bench/bf16_bench.py [--rounds 5] [case ...]
+    .venv/bin/python bench/bf16_bench.py --loop ROOT   # ROOT: a copy of the repo after `fetch` and `resize`
+
+`--loop`: the whole tiny pretrain loop instead (`engine.train`: the DataLoader worker decoding and preparing
+batches, the model, the collapse monitor, the checkpoint), 200 steps of the tiny profile's colour-dropping
+variant on ROOT's resized images, float32 and bf16 (+ channels_last, as the stage resolves it) in the order
+A B A B B A in one process; median seconds per run.
 """
 
 from __future__ import annotations
@@ -26,9 +32,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import statistics
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -181,13 +191,42 @@ def interleaved(step: Step, arms: tuple[str, ...], rounds: int) -> dict[str, flo
     return out
 
 
+def loop_runs(root: Path, steps: int = 200) -> dict:
+    from ctxrepro.config import load_params
+    from ctxrepro.pretext.distributed import DistInfo
+    from ctxrepro.pretext.engine import TrainPaths, train
+    from ctxrepro.pretext.precision import use_channels_last
+    from stages.pretrain import Params, load_tables, resolve_variant, train_config
+
+    torch.set_num_threads(1)  # the tiny profile's base.threads
+    log = logging.getLogger("bf16_bench")
+    _, p = load_params(root / "params.yaml", "pretrain", Params)
+    base = replace(train_config(resolve_variant(p, p.variant), 0), steps=steps, checkpoint_every=steps,
+                   log_every=50, heldout_images=8)
+    tables = load_tables(root, base.data, log)
+    times: dict[str, list[float]] = {"none": [], "bf16": []}
+    for amp in ("none", "bf16", "none", "bf16", "bf16", "none"):
+        cfg = replace(base, amp=amp, channels_last=use_channels_last("cpu", amp, True))
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            train(cfg, *tables, TrainPaths(Path(d) / "state.pt", Path(d) / "export.pt"), "cpu", DistInfo(), log)
+            times[amp].append(time.perf_counter() - t0)
+    fp32, bf16 = statistics.median(times["none"]), statistics.median(times["bf16"])
+    return {"steps": steps, "float32_s": round(fp32, 1), "bf16_s": round(bf16, 1), "speedup": round(fp32 / bf16, 2),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="*", help=f"of {', '.join(CASES)} (default: all)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--loop", type=Path, help="time the whole tiny pretrain loop on this tree's resized images")
     args = parser.parse_args()
     if not cpu_has_native_bf16():
         raise SystemExit("bf16_bench: this CPU has no native bf16 (amx_bf16 / avx512_bf16): nothing to compare")
+    if args.loop:
+        print(json.dumps(loop_runs(args.loop)))
+        return
     unknown = sorted(set(args.cases) - set(CASES))
     if unknown:
         raise SystemExit(f"bf16_bench: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
