@@ -43,6 +43,7 @@ from ctxrepro.pretext.distributed import DistInfo
 from ctxrepro.pretext.engine import Prepare, TrainConfig, TrainingError, TrainPaths, train_step
 from ctxrepro.pretext.model import DEFAULT_FC, DEFAULT_WIDTH, TOWERS, conv_output
 from ctxrepro.pretext.monitor import Monitor
+from ctxrepro.pretext.precision import describe, use_channels_last
 from ctxrepro.transfer.caffenet import CaffeNetSpec, build_caffenet
 from ctxrepro.transfer.convert import sample_crops, set_input_norm
 from ctxrepro.transfer.trunk import TrunkSpec, build_trunk
@@ -117,12 +118,12 @@ def sync(device: str) -> None:
 
 def pretrain_throughput(row: Row, cfg: TrainConfig, table, device: str, budget: Budget) -> Row:
     """`budget.steps` timed steps after `budget.warmup`, as engine._loop runs them (no checkpoints, no logging)."""
-    engine.configure_backend(device, LOG)
+    engine.configure_backend(device, cfg.amp, LOG)
     run = engine._build(cfg, device, 1)  # the engine's own model, optimiser and scaler
     model = engine._wrap(run.model, cfg, device, DistInfo())  # and its torch.compile
     monitor = Monitor(run.model)  # its hooks run in every training step
     on_cpu = device == "cpu"
-    prepare = Prepare(cfg, 0, device, cfg.channels_last and not on_cpu)
+    prepare = Prepare(cfg, 0, device, cfg.channels_last)
     dataset = StepBatches(table, cfg.data, cfg.seed, 0, budget.warmup + budget.steps, cfg.decode == "worker" or on_cpu,
                           prepare if on_cpu else None, cut_in_worker=on_cpu)
     loader = make_loader(dataset, 0, cfg.workers, pin_memory=not on_cpu)
@@ -271,9 +272,11 @@ def plan(sec: dict, device: str, budget: Budget, tmp: Path) -> dict[str, tuple[R
     """Each row with the function that measures it (None: it cannot run here)."""
     cuda = device.startswith("cuda")
     base = train_config(sec["pretrain"], sec["base"]["seed"])
+    # as stages/pretrain.py resolves it: NHWC on CUDA and under CPU bf16 autocast
+    base = replace(base, channels_last=use_channels_last(device, base.amp, base.channels_last))
     manifest = pretrain_tree(tmp / "resized", {"train": budget.images, "val": budget.heldout}, budget.sides)
     tables = tuple(usable(load_table(manifest, split), base.data)[0] for split in ("train", "val"))
-    numerics = f"{base.amp}, channels_last" if cuda else "float32 (CPU: no autocast, no channels_last)"
+    numerics = describe(device, base.amp) + (", channels_last" if base.channels_last else ", NCHW")
     out: dict[str, tuple[Row, Callable[[Row], Row] | None]] = {}
     for name in (n for n in ROWS if n.startswith("pretrain")):
         decode, compiled = name.split("-")[1], name.endswith("compile")
@@ -292,7 +295,8 @@ def plan(sec: dict, device: str, budget: Budget, tmp: Path) -> dict[str, tuple[R
         network = name.split("-")[1]
         box = sec["detect"]["box_regression"][network]
         row = Row(name, f"{network} ({base.tower}), {solver.scale}/{solver.max_size} px, {solver.images_per_batch} "
-                  f"images x {sampling.rois_per_image} RoIs, box regression {'on' if box else 'off'}, float32")
+                  f"images x {sampling.rois_per_image} RoIs, box regression {'on' if box else 'off'}, "
+                  f"{describe(device, solver.amp)}")
         out[name] = (row, lambda r, n=network, b=box: detect(
             r, detect_model(n, base, sec["convert"], sec["detect"]["dropout"], b, 0, crops), entries, solver,
             sampling, device, budget))

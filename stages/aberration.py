@@ -17,6 +17,7 @@ from ctxrepro.io import atomic_write_json
 from ctxrepro.pretext.color import project_colors
 from ctxrepro.pretext.data import load_table
 from ctxrepro.pretext.export import read_rgb
+from ctxrepro.pretext.precision import AMP_CHOICES
 from ctxrepro.seeds import generator
 from ctxrepro.stage import StageContext, StageError
 
@@ -51,6 +52,8 @@ class Params:
     lr: float = param(1e-3, min=0.0, help="Adam learning rate")
     threads: int = param(1, min=0, help="torch CPU threads; 0 = torch's default")
     figure_images: int = param(3, min=1, help="rows of the Figure 5 PNG (best images by raw RMSE)")
+    amp: str = param("bf16", choices=AMP_CHOICES, help="autocast of the regressors (a CPU with native bf16); "
+                                                       "none = float32")
     profile_note: str = param("", help="what this profile scales down from the paper, copied to the metrics")
 
 
@@ -93,14 +96,14 @@ def _images(p: Params, ctx: StageContext) -> dict[str, Sequence[torch.Tensor]]:
 
 def _config(p: Params, seed: int, color: str) -> A.RegressorConfig:
     return A.RegressorConfig(tower=p.tower, patch=p.patch, width=p.width or None, fc_dim=p.fc_dim, color=color,
-                             steps=p.steps, batch=p.batch, lr=p.lr, seed=seed)
+                             steps=p.steps, batch=p.batch, lr=p.lr, seed=seed, amp=p.amp)
 
 
 def _variant(name: str, train: A.PatchSet, test: A.PatchSet, n_test: int, p: Params, color: str,
              ctx: StageContext):
     """Train one regressor and evaluate it: (model, predictions, summary)."""
     model = A.train_regressor(train, _config(p, ctx.base.seed, color), ctx.log, name)
-    pred, summary = A.evaluate(model, test, n_test, color, p.top_fraction)
+    pred, summary = A.evaluate(model, test, n_test, color, p.top_fraction, p.amp)
     ctx.log.info("%s: RMSE all %.3f, best %g%% %.3f (chance %.3f)", name, summary["rmse_all"],
                  100 * p.top_fraction, summary["rmse_top"], summary["rmse_chance"])
     return model, pred, summary
@@ -148,7 +151,7 @@ def _study(p: Params, images: dict, fractions: torch.Tensor, ctx: StageContext) 
         train_c = A.random_patches(images["train_control"], p.patches_per_image, p.patch, seed)
         test_c = A.grid_patches(images["test_control"], p.patch, fractions)
         _, preds["control"], summaries["control"] = _variant("control", train_c, test_c, n_test, p, "none", ctx)
-        _, summaries["raw_on_control"] = A.evaluate(models["raw"], test_c, n_test, "none", p.top_fraction)
+        _, summaries["raw_on_control"] = A.evaluate(models["raw"], test_c, n_test, "none", p.top_fraction, p.amp)
     return test, preds, summaries
 
 

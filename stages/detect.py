@@ -29,6 +29,7 @@ from ctxrepro.detection.sampling import SamplingConfig
 from ctxrepro.detection.train import SolverConfig, train
 from ctxrepro.io import atomic_dir, atomic_write_json, atomic_write_text
 from ctxrepro.metrics.voc import VocEvalError, evaluate, summary
+from ctxrepro.pretext.precision import AMP_CHOICES, describe
 from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.transfer.caffenet import load_converted
@@ -115,6 +116,9 @@ class Params:
     freeze: dict[str, tuple[str, ...]] = param({"alexnet": ("conv1",), "vgg16": ("conv1_1", "conv1_2", "conv2_1", "conv2_2")},
                                                help="per tower family: conv layers the Fast R-CNN rescale rows keep "
                                                     "fixed (fast-rcnn's CaffeNet / VGG16 train.prototxt: lr_mult 0)")
+
+    amp: str = param("bf16", choices=AMP_CHOICES, help="autocast in training and test (CUDA, or a CPU with native "
+                                                       "bf16); none = float32")
     profile_note: str = param("", help="what this profile scales down from the paper, copied to the metrics")
 
     def __post_init__(self) -> None:
@@ -130,7 +134,7 @@ class Params:
     def solver(self) -> SolverConfig:
         return SolverConfig(self.iterations, self.images_per_batch, self.optimizer, self.lr, self.lr_step,
                             self.gamma, self.momentum, self.weight_decay, self.bias_lr_mult, self.flip, self.scale,
-                            self.max_size, self.log_every, self.checkpoint_every, self.workers)
+                            self.max_size, self.log_every, self.checkpoint_every, self.workers, self.amp)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.rois_per_image, self.fg_fraction, self.fg_thresh, self.bg_hi, self.bg_lo)
@@ -145,7 +149,8 @@ class Params:
                           self.max_per_class)
 
     def test(self) -> TestConfig:
-        return TestConfig(self.scale, self.max_size, self.score_thresh, self.nms, self.max_per_class, self.roi_chunk)
+        return TestConfig(self.scale, self.max_size, self.score_thresh, self.nms, self.max_per_class, self.roi_chunk,
+                          self.amp)
 
 
 def state_records(p: Params, base: BaseParams) -> dict[str, dict]:
@@ -249,7 +254,7 @@ def run(params: Params, ctx: StageContext) -> None:
     start = time.monotonic()
     ckpt, train_db, test_db = _inputs(p, root, ctx.device)
     facts = _row_facts(p, ckpt)
-    log.info("%s: %s", p.row, facts)
+    log.info("%s: %s; precision: %s", p.row, facts, describe(ctx.device, p.amp))
     log.info("%s: %d train images (%d boxes), %d test images, %.0f / %.0f proposals per image", p.row,
              len(train_db), sum(len(e.gt_boxes) for e in train_db), len(test_db),
              sum(len(e.proposals) for e in train_db) / max(len(train_db), 1),

@@ -20,6 +20,7 @@ from ctxrepro.mining.constellations import (MiningResult, SearchConfig, folder_i
 from ctxrepro.mining.search import BankSpec
 from ctxrepro.pretext.export import Pretrained, load_pretrained
 from ctxrepro.seeds import derive_seed
+from ctxrepro.pretext.precision import AMP_CHOICES
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.viz import write_csv
 
@@ -60,6 +61,8 @@ class Params:
     query_batch: int = param(256, min=1, help="constellations per pass over the feature bank")
     block_mb: float = param(256.0, min=1.0, help="memory bound of one similarity block, MiB")
     batch_patches: int = param(512, min=1, help="patches per forward pass")
+    amp: str = param("bf16", choices=AMP_CHOICES, help="autocast of the network (CUDA, or a CPU with native bf16); "
+                                                       "none = float32")
     workers: int = param(4, min=0, max=64, help="image decode processes")
 
     def __post_init__(self) -> None:
@@ -72,7 +75,8 @@ class Params:
 def bank_spec(p: Params, pre: Pretrained) -> BankSpec:
     """Patch geometry of the pretrained network: its sampled patch side and its input side."""
     return BankSpec(patch=pre.patch, net_size=pre.net_size, scales=p.scales, grid_step=p.grid_step,
-                    max_side=p.max_side, color=pre.color, drop_views=p.drop_views, batch_patches=p.batch_patches)
+                    max_side=p.max_side, color=pre.color, drop_views=p.drop_views, batch_patches=p.batch_patches,
+                    amp=p.amp)
 
 
 def mining_images(p: Params, root: Path) -> tuple[list[Path], list[str]]:

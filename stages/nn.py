@@ -17,6 +17,7 @@ from ctxrepro.io import atomic_write_json
 from ctxrepro.pretext.export import Pretrained, load_pretrained, read_rgb
 from ctxrepro.pretext.sampling import cut_patches
 from ctxrepro.seeds import generator
+from ctxrepro.pretext.precision import AMP_CHOICES
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.transfer.imagenet import parse_source
 
@@ -48,6 +49,8 @@ class Params:
     imagenet_input: int = param(224, min=64, help="side the patches are upsampled to for that net")
     show_queries: int = param(8, min=1, help="montage rows")
     show_k: int = param(5, min=1, help="matches shown per feature source")
+    amp: str = param("bf16", choices=AMP_CHOICES, help="autocast of the network (CUDA, or a CPU with native bf16); "
+                                                       "none = float32")
     profile_note: str = param("", help="what this profile scales down from the paper, copied to the metrics")
 
 
@@ -81,14 +84,14 @@ def _tables(p: Params, samples: list, patch: int, seed: int) -> tuple[R.PatchTab
 def _sources(p: Params, pre: Pretrained, ctx: StageContext) -> tuple[dict, dict]:
     """Feature functions by name, and notes (the ImageNet net is skipped without a weights file)."""
     seed = ctx.base.seed
-    sources = {"pretrained": R.context_features(pre, ctx.device, seed),
-               "random": R.context_features(R.random_network(pre, seed), ctx.device, seed)}
+    sources = {"pretrained": R.context_features(pre, ctx.device, seed, p.amp),
+               "random": R.context_features(R.random_network(pre, seed), ctx.device, seed, p.amp)}
     notes = {}
     if p.imagenet_weights:
         named = parse_source(p.imagenet_weights, "alexnet") is not None  # torchvision[:arch] / random[:arch]
         source = p.imagenet_weights if named else ctx.root / p.imagenet_weights
         net = R.load_imagenet_alexnet(source, ctx.device)
-        sources["imagenet"] = R.imagenet_features(net, p.imagenet_input)
+        sources["imagenet"] = R.imagenet_features(net, p.imagenet_input, p.amp)
     else:
         notes["imagenet"] = "skipped: nn.imagenet_weights is empty (nothing is downloaded)"
     return sources, notes

@@ -19,6 +19,7 @@ from ctxrepro.normals.grid import cell_grid
 from ctxrepro.normals.model import (KMEANS_SEED, TrainSettings, build_net, kmeans_codebook, load_vocab, predict_coarse,
                                     train_normals, trunk_output)
 from ctxrepro.normals.report import evaluate_and_store, examples_png, table2_markdown
+from ctxrepro.pretext.precision import AMP_CHOICES, describe
 from ctxrepro.seeds import derive_seed
 from ctxrepro.stage import StageContext, StageError
 from ctxrepro.transfer.trunk import load_trunk
@@ -62,6 +63,8 @@ class Params:
     eval_batch: int = param(8, min=1, help="test images per forward pass")
     examples: int = param(4, min=1, max=32, help="test images in the PNG")
     depth_fit: PlaneFit = param(PlaneFit(), help="plane fit for normals from depth (ctxrepro.normals.depth)")
+    amp: str = param("bf16", choices=AMP_CHOICES, help="autocast in training and test (CUDA, or a CPU with native "
+                                                       "bf16); none = float32")
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.init):
@@ -73,7 +76,7 @@ class Params:
 
     def settings(self, seed: int) -> TrainSettings:
         return TrainSettings(self.steps, self.batch, self.optimizer, self.lr, self.trunk_lr_mult, self.momentum,
-                             self.weight_decay, self.flip, seed, self.log_every, self.checkpoint_every)
+                             self.weight_decay, self.flip, seed, self.log_every, self.checkpoint_every, self.amp)
 
 
 def state_records(p: Params, base: BaseParams) -> dict[str, dict]:
@@ -100,7 +103,8 @@ def _fine_tune(p: Params, ctx: StageContext, nyu, train_idx, gt, nyu_dir: Path, 
     trunk_path = ctx.root / TRUNKS / f"{p.init}.pt"
     trunk = load_trunk(trunk_path, ctx.device)
     channels, h, w = trunk_output(trunk, p.input_size, ctx.device)
-    ctx.log.info("trunk %s: %dx%d input -> %d channels on a %dx%d grid", trunk_path, *p.input_size, channels, h, w)
+    ctx.log.info("trunk %s: %dx%d input -> %d channels on a %dx%d grid; precision: %s", trunk_path, *p.input_size,
+                 channels, h, w, describe(ctx.device, p.amp))
     grid = cell_grid(trunk.layers(), p.input_size, SHAPE_HW)
     if grid.shape != (h, w):
         raise ValueError(f"the trunk's layer geometry gives a {grid.shape} grid, its forward pass {(h, w)}")
@@ -127,7 +131,7 @@ def run(params: Params, ctx: StageContext) -> None:
                          gt_name)
             net, book, grid, stats = _fine_tune(params, ctx, nyu, train_idx, gt, nyu_dir, scratch)
             coarse = predict_coarse(net, load_images(nyu, test_idx, params.input_size, ctx.log, scratch), book,
-                                    params.eval_batch, ctx.device)
+                                    params.eval_batch, ctx.device, params.amp)
             pred_path = ctx.root / PREDICTIONS / params.init / "predictions.npz"
             result = evaluate_and_store(coarse, test_idx, gt, nyu.image, grid, pred_path, params.examples)
     except (FileNotFoundError, KeyError, ValueError, NormalsEvalError, FloatingPointError) as e:

@@ -17,6 +17,7 @@ from ctxrepro.config import param
 from ctxrepro.data.voc import load_split
 from ctxrepro.io import atomic_write_json
 from ctxrepro.pretext.data import load_kinds, load_table
+from ctxrepro.pretext.precision import AMP_CHOICES
 from ctxrepro.seeds import generator
 from ctxrepro.stage import StageContext, StageError
 
@@ -43,6 +44,8 @@ class Params:
     pairs_per_box: int = param(256, min=1, help="pairs per eligible box (paper: not stated)")
     manifest_images: int = param(500, min=1, help="pretraining (train) and held-out (val) images each")
     max_patches: int = param(512, min=4, help="patches per forward pass")
+    amp: str = param("bf16", choices=AMP_CHOICES, help="autocast of the network (CUDA, or a CPU with native bf16); "
+                                                       "none = float32")
     profile_note: str = param("", help="what this profile scales down from the paper, copied to the metrics")
 
 
@@ -112,7 +115,7 @@ def _evaluate(p: Params, ctx: StageContext, pre: E.Pretrained, min_box: int):
     seed = ctx.base.seed
 
     def predict(sel: list[E.Selection], load: Callable, desc: str) -> list[torch.Tensor]:
-        return E.predict_selections(pre, sel, load, ctx.device, seed, p.max_patches, desc, ctx.log)
+        return E.predict_selections(pre, sel, load, ctx.device, seed, p.max_patches, desc, ctx.log, p.amp)
 
     paths, sizes, whole, boxes, n_small, n_boxes = _voc_sets(p, pre, ctx.root, seed, min_box)
     if n_small:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -18,6 +18,7 @@ from ctxrepro.pretext import distributed as D
 from ctxrepro.pretext.color import COLOR_MODES, PatchAugment
 from ctxrepro.pretext.data import BatchSpec, ImageTable, load_kinds, load_table, usable
 from ctxrepro.pretext.engine import OptimConfig, TrainConfig, TrainingError, TrainPaths, train
+from ctxrepro.pretext.precision import AMP_CHOICES, use_channels_last
 from ctxrepro.pretext.sampling import MODES
 from ctxrepro.stage import StageContext, StageError
 
@@ -63,8 +64,8 @@ class Params:
     min_live_fraction: float = param(0.05, min=0.0, max=1.0,
                                      help="stop when fc6/fc7/fc8 live ReLU share falls below; 0 = off")
     nproc: int = param(1, min=1, max=64, help="processes to spawn (ignored under torchrun)")
-    amp: str = param("bf16", choices=("none", "bf16", "fp16"), help="autocast dtype on CUDA")
-    channels_last: bool = param(True, help="channels_last memory format on CUDA")
+    amp: str = param("bf16", choices=AMP_CHOICES, help="autocast dtype (CUDA, or a CPU with native bf16); none = float32")
+    channels_last: bool = param(True, help="channels_last memory format on CUDA and under CPU bf16 autocast")
     compile: bool = param(False, help="torch.compile the network")
     heldout_images: int = param(500, min=1, help="val images for held-out pretext accuracy")
     workers: int = param(4, min=0, max=64, help="DataLoader processes per rank (decode; on CPU also preprocess)")
@@ -169,6 +170,7 @@ def _train_process(p: Params, seed: int, device: str, root: Path) -> None:
     except (OSError, ValueError) as e:  # a missing or malformed manifest / world index: say which
         raise StageError(str(e)) from e
     device = D.init(info, device)
+    cfg = replace(cfg, channels_last=use_channels_last(device, cfg.amp, cfg.channels_last))
     try:
         paths = TrainPaths(root / STATE / p.variant, root / EXPORT / f"{p.variant}.pt")
         with live_logger(root / LIVE_DIR / p.variant) if info.is_main else contextlib.nullcontext() as on_log:

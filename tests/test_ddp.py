@@ -39,7 +39,7 @@ PAPER = OptimConfig("sgd", lr=1e-5, momentum=0.0, loss="sum")
 def one_step(model: nn.Module, batch, loss: str, world: int, optim: OptimConfig | None = None):
     x, pairs, labels = batch
     optim = optim or OptimConfig("sgd", lr=0.01, momentum=0.9, loss=loss)
-    cfg = make_cfg(optim=optim)
+    cfg = make_cfg(optim=optim, amp="none")  # float32: the comparisons below are to float32 rounding
     optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum)
     plain = D.unwrap(model)
     before = {n: p.detach().clone() for n, p in plain.named_parameters()}

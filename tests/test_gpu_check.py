@@ -61,14 +61,27 @@ def test_dry_run_prints_every_row_and_writes_the_table_to_out(dry_run):
     assert (out / "gpu_check.json").is_file()
 
 
-def test_rows_that_need_cuda_say_skipped_on_the_cpu(dry_run):
+def test_cpu_rows_ran_the_profiles_precision_and_only_cuda_features_are_skipped(dry_run):
+    """The rows that ran on the CPU ran the paper profile's amp as this CPU resolves it (bf16 autocast and
+    channels_last where it has native bf16, else float32 NCHW): the GPU path's numerics, not a float32 stand-in.
+    Only the rows that need a CUDA feature (the GPU decoder, torch.compile in this check) are skipped."""
+    from ctxrepro.pretext.precision import describe, use_channels_last
+    from stages.detect import Params as DetectParams
+    from stages.pretrain import Params as PretrainParams
+
     _, rows, _ = dry_run
-    for name in CUDA_ONLY:
-        assert rows[name]["status"] == "skipped (no CUDA)", name
-        assert rows[name]["steps/s (detect: it/s)"] == rows[name]["hours"] == "-"
+    params = load_params(PAPER, "pretrain", PretrainParams)[1]
+    detect_amp = load_params(PAPER, "detect", DetectParams)[1].amp
+    layout = "channels_last" if use_channels_last("cpu", params.amp, params.channels_last) else "NCHW"
+    for name in RAN + CUDA_ONLY:
+        want = describe("cpu", detect_amp) if name.startswith("detect") else f"{describe('cpu', params.amp)}, {layout}"
+        assert rows[name]["config"].endswith(want), (name, rows[name]["config"], want)
     for name in RAN:
         assert rows[name]["status"] == "ok", rows[name]
         assert rows[name]["peak GPU MiB"] == "n/a (CPU)"
+    for name in CUDA_ONLY:
+        assert "decode device" in rows[name]["config"] or "compile on" in rows[name]["config"], name
+        assert rows[name]["status"] == "skipped (no CUDA)" and rows[name]["hours"] == "-", name
 
 
 def test_numbers_are_positive_and_hours_follow_from_the_printed_rate(dry_run):

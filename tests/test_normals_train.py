@@ -108,10 +108,10 @@ def test_sigkilled_run_resumes_bit_identical(reference, tmp_path):
         "import test_normals_train as t\n"
         "from ctxrepro.normals import model as M\n"
         "real = M._update\n"
-        "def update(net, opt, x, codes, step):\n"
+        "def update(net, opt, x, codes, step, *rest):\n"
         "    if step == 7:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return real(net, opt, x, codes, step)\n"
+        "    return real(net, opt, x, codes, step, *rest)\n"
         "M._update = update\n"
         f"t.run(Path({str(state)!r}))\n"
     )

@@ -80,7 +80,8 @@ def test_changed_lr_then_old_lr_resumes_the_original_state_bit_identical(data, r
 def _poison(path: Path) -> None:
     state = torch.load(path, weights_only=True)
     key = next(k for k, v in state["model"].items() if v.is_floating_point())
-    state["model"][key].view(-1)[0] = float("inf")
+    weight = state["model"][key]  # channels_last under CPU bf16: index, not view
+    weight[(0,) * weight.dim()] = float("inf")
     torch.save(state, path)
 
 

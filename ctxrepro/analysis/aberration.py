@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ctxrepro.pretext.color import PatchAugment, preprocess
 from ctxrepro.pretext.model import build_tower
+from ctxrepro.pretext.precision import autocast, check_amp
 from ctxrepro.pretext.sampling import cut_patches
 from ctxrepro.progress import track
 from ctxrepro.seeds import derive_seed, generator
@@ -56,10 +57,12 @@ class RegressorConfig:
     batch: int = 128
     lr: float = 1e-3  # Adam (docs/METHOD.md: Adam beat SGD at this scale)
     seed: int = 0
+    amp: str = "none"  # autocast of the forward (ctxrepro.pretext.precision); the loss is float32
 
     def __post_init__(self) -> None:
         if self.color not in REGRESSOR_COLORS:
             raise ValueError(f"RegressorConfig.color={self.color!r} is not one of {REGRESSOR_COLORS}")
+        check_amp(self.amp)
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
             raise ValueError(f"RegressorConfig: need steps >= 1, batch >= 1, lr > 0; got steps={self.steps}, "
                              f"batch={self.batch}, lr={self.lr}")
@@ -178,7 +181,9 @@ def train_regressor(data: PatchSet, cfg: RegressorConfig, log: logging.Logger | 
     model.train()
     for step in track(range(cfg.steps), desc=f"train {label}", unit="step", log=log):
         idx = torch.randint(len(data), (cfg.batch,), generator=order)
-        loss = F.mse_loss(model(network_input(data.patches[idx], cfg.color, aug)), data.targets[idx])
+        with autocast("cpu", cfg.amp):
+            pred = model(network_input(data.patches[idx], cfg.color, aug))
+        loss = F.mse_loss(pred.float(), data.targets[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -188,11 +193,12 @@ def train_regressor(data: PatchSet, cfg: RegressorConfig, log: logging.Logger | 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, patches: Tensor, color: str, batch: int = 1024) -> Tensor:
-    """(N, 2) predicted (x, y) for uint8 patches, in eval mode (colour modes here draw no noise)."""
+def predict(model: nn.Module, patches: Tensor, color: str, batch: int = 1024, amp: str = "none") -> Tensor:
+    """(N, 2) predicted (x, y) float32 for uint8 patches, in eval mode (colour modes here draw no noise)."""
     model.eval()
     g = torch.Generator().manual_seed(0)
-    out = [model(network_input(patches[i:i + batch], color, g)) for i in range(0, len(patches), batch)]
+    with autocast("cpu", amp):
+        out = [model(network_input(patches[i:i + batch], color, g)).float() for i in range(0, len(patches), batch)]
     return torch.cat(out) if out else torch.zeros((0, 2))
 
 
@@ -226,9 +232,10 @@ def rmse_summary(pred: Tensor, targets: Tensor, image: Tensor, n_images: int, to
             "per_image_rmse": mse.sqrt(), "best": best}
 
 
-def evaluate(model: nn.Module, data: PatchSet, n_images: int, color: str, top_fraction: float) -> tuple[Tensor, dict]:
-    """Predictions on `data` and their `rmse_summary`."""
-    pred = predict(model, data.patches, color)
+def evaluate(model: nn.Module, data: PatchSet, n_images: int, color: str, top_fraction: float,
+             amp: str = "none") -> tuple[Tensor, dict]:
+    """Predictions on `data` (under `amp` autocast) and their `rmse_summary`."""
+    pred = predict(model, data.patches, color, amp=amp)
     return pred, rmse_summary(pred, data.targets, data.image, n_images, top_fraction)
 
 

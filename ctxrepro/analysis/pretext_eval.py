@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ctxrepro.pretext.export import Pretrained, load_pretrained, network_input, read_rgb  # noqa: F401 (re-exported)
+from ctxrepro.pretext.precision import autocast
 from ctxrepro.pretext.sampling import batch_pairs, cut_patches, sample_grid
 from ctxrepro.progress import track
 from ctxrepro.seeds import generator
@@ -127,8 +128,9 @@ def _batches(selections: list[Selection], max_patches: int) -> Iterator[list[Sel
 @torch.no_grad()
 def predict_selections(pre: Pretrained, selections: list[Selection], load_image: Callable[[int], Tensor],
                        device: str, seed: int, max_patches: int = 512, desc: str = "pairs",
-                       log: logging.Logger | None = None) -> list[Tensor]:
-    """Predicted position (argmax of fc9) of every pair of every selection, in order (CPU int64 tensors).
+                       log: logging.Logger | None = None, amp: str = "none") -> list[Tensor]:
+    """Predicted position (argmax of fc9) of every pair of every selection, in order (CPU int64 tensors);
+    the network runs under `amp` autocast (ctxrepro.pretext.precision).
 
     `load_image(i)` returns image i as (3, H, W) uint8; consecutive selections of one image decode it once.
     """
@@ -144,7 +146,9 @@ def predict_selections(pre: Pretrained, selections: list[Selection], load_image:
             cuts.append(cut_patches(cached[1], s.boxes, pre.patch))
         pairs = batch_pairs([s.pairs for s in batch], [len(s.boxes) for s in batch])
         x = network_input(torch.cat(cuts).to(device), pre, g)
-        pred = pre.model(x, pairs.to(device)).argmax(1).cpu()
+        with autocast(device, amp):
+            logits = pre.model(x, pairs.to(device))
+        pred = logits.float().argmax(1).cpu()
         out.extend(pred.split([len(s.pairs) for s in batch]))
     return out
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ctxrepro.pretext.export import Pretrained, network_input
 from ctxrepro.pretext.model import build_model
+from ctxrepro.pretext.precision import autocast
 from ctxrepro.pretext.sampling import cut_patches
 from ctxrepro.progress import track
 from ctxrepro.seeds import derive_seed, generator
@@ -128,13 +129,16 @@ def label_base_rate(query_labels: Tensor, query_image: Tensor, pool_labels: Tens
     return same.double() / eligible.double()
 
 
-def context_features(pre: Pretrained, device: str, seed: int) -> FeatureFn:
-    """fc6 of one tower of a context network (after its batch norm and ReLU, as the Caffe blob)."""
+def context_features(pre: Pretrained, device: str, seed: int, amp: str = "none") -> FeatureFn:
+    """fc6 of one tower of a context network (after its batch norm and ReLU, as the Caffe blob), float32;
+    the tower runs under `amp` autocast (ctxrepro.pretext.precision)."""
     g = generator(seed, NN_COLOR, device=device)
 
     @torch.no_grad()
     def fn(patches: Tensor) -> Tensor:
-        return pre.model.embed(network_input(patches, pre, g))
+        x = network_input(patches, pre, g)
+        with autocast(x.device, amp):
+            return pre.model.embed(x).float()
 
     return fn
 
@@ -177,15 +181,17 @@ def load_imagenet_alexnet(source: Path | str, device: str) -> nn.Module:
     return model.to(device).eval()
 
 
-def imagenet_features(model: nn.Module, input_size: int) -> FeatureFn:
-    """fc7 (after ReLU) of an ImageNet AlexNet on patches upsampled to `input_size` (section 4.1)."""
+def imagenet_features(model: nn.Module, input_size: int, amp: str = "none") -> FeatureFn:
+    """fc7 (after ReLU) of an ImageNet AlexNet on patches upsampled to `input_size` (section 4.1), float32;
+    the network runs under `amp` autocast."""
 
     @torch.no_grad()
     def fn(patches: Tensor) -> Tensor:
         x = F.interpolate(patches.float() / 255.0, size=(input_size, input_size), mode="bilinear",
                           align_corners=False)
-        h = model.avgpool(model.features(imagenet_normalize(x))).flatten(1)
-        return model.classifier[:6](h)  # dropout (identity in eval), fc6, relu, dropout, fc7, relu
+        with autocast(x.device, amp):
+            h = model.avgpool(model.features(imagenet_normalize(x))).flatten(1)
+            return model.classifier[:6](h).float()  # dropout (identity in eval), fc6, relu, dropout, fc7, relu
 
     return fn
 

@@ -26,6 +26,7 @@ from ctxrepro.detection.roidb import Entry
 from ctxrepro.detection.loader import load_image, to_tensor
 from ctxrepro.io import atomic_write_text
 from ctxrepro.metrics.voc import results_path
+from ctxrepro.pretext.precision import autocast
 from ctxrepro.progress import track
 
 Detections = dict[int, np.ndarray]  # class index (1..20) -> (n, 5) [x1 y1 x2 y2 score], 0-based, score-descending
@@ -41,6 +42,7 @@ class TestConfig:
     nms: float = 0.3
     max_per_class: int = 100
     roi_chunk: int = 1000  # RoIs per head pass (bounds memory: conv6 runs once per RoI)
+    amp: str = "none"  # autocast of the network (ctxrepro.pretext.precision); scores and boxes are float32
 
 
 @torch.no_grad()
@@ -51,13 +53,15 @@ def score_image(model: FastRCNN, entry: Entry, cfg: TestConfig, device: str | to
         c = model.num_classes
         return torch.zeros(0, c), torch.zeros(0, 4 * c)
     rgb, factor = load_image(entry, False, cfg.scale, cfg.max_size)
-    fmap = model.conv5(to_tensor(rgb, device))
+    with autocast(device, cfg.amp):
+        fmap = model.conv5(to_tensor(rgb, device))
     scores, deltas = [], []
     for chunk in torch.split((props * factor).float().to(device), cfg.roi_chunk):
-        out = model.head(model.roi_pool(fmap, chunk))
-        scores.append(torch.softmax(out.scores, dim=1).cpu())
+        with autocast(device, cfg.amp):
+            out = model.head(model.roi_pool(fmap, chunk))
+        scores.append(torch.softmax(out.scores.float(), dim=1).cpu())
         if out.deltas is not None:
-            deltas.append(out.deltas.cpu())
+            deltas.append(out.deltas.float().cpu())
     probs = torch.cat(scores).double()
     if not deltas:
         return probs, props.repeat(1, model.num_classes)

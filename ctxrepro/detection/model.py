@@ -68,8 +68,13 @@ class FastRCNN(nn.Module):
 
     def roi_pool(self, fmap: Tensor, rois: Tensor) -> Tensor:
         """(R, C5, s, s) max-pooled RoIs (R, 4) of one image's map; torchvision rounds the scaled box
-        corners and counts end pixels inclusively, as Fast R-CNN's Caffe layer."""
-        return roi_pool(fmap, [rois.to(fmap.dtype)], output_size=self.pool_side, spatial_scale=self.spatial_scale)
+        corners and counts end pixels inclusively, as Fast R-CNN's Caffe layer. At least float32 and outside
+        autocast: torchvision's CPU kernel has no bf16, and bf16 boxes would be rounded (4 px steps past 512);
+        a max is exact in any precision."""
+        dtype = torch.promote_types(fmap.dtype, torch.float32)
+        with torch.autocast(fmap.device.type, enabled=False):
+            return roi_pool(fmap.to(dtype), [rois.to(dtype)], output_size=self.pool_side,
+                            spatial_scale=self.spatial_scale)
 
     def pooled(self, images: Sequence[Tensor], rois: Sequence[Tensor]) -> Tensor:
         """RoI-pooled conv5 features (sum R_i, C5, s, s): each image runs alone (no padding between sizes)."""

@@ -24,9 +24,10 @@ import torch
 
 from ctxrepro.checkpoint import digest, restore_state, save_state
 from ctxrepro.detection.loader import Batch, IterationBatches, make_loader
-from ctxrepro.detection.model import FastRCNN, multitask_loss
+from ctxrepro.detection.model import FastRCNN, Output, multitask_loss
 from ctxrepro.detection.roidb import Entry
 from ctxrepro.detection.sampling import SamplingConfig
+from ctxrepro.pretext.precision import autocast, check_amp, grad_scaler
 from ctxrepro.states.folders import resume_state
 
 
@@ -50,10 +51,12 @@ class SolverConfig:
     log_every: int = 20
     checkpoint_every: int = 1000  # iterations between resumable checkpoints
     workers: int = 4  # DataLoader processes building batches (0: the training process)
+    amp: str = "none"  # autocast of the forward (ctxrepro.pretext.precision): "bf16", "fp16" or "none"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"SolverConfig.optimizer={self.optimizer!r}: 'sgd' or 'adam'")
+        check_amp(self.amp)
 
 
 def build_optimizer(model: FastRCNN, solver: SolverConfig) -> torch.optim.Optimizer:
@@ -99,19 +102,32 @@ def run_record(model: FastRCNN, entries: Sequence[Entry], sampling: SamplingConf
             "start_weights": digest(model.state_dict().values()), "roidb": digest(roidb)}
 
 
-def _step(model: FastRCNN, opt: torch.optim.Optimizer, batch: Batch, solver: SolverConfig) -> list[float] | None:
-    """One SGD step on the multi-task loss; (loss, cls, box, foreground share), or None for a batch without RoIs."""
+def _step(model: FastRCNN, opt: torch.optim.Optimizer, batch: Batch, solver: SolverConfig,
+          scaler: torch.amp.GradScaler | None = None) -> list[float] | None:
+    """One SGD step on the multi-task loss; (loss, cls, box, foreground share), or None for a batch without RoIs.
+
+    The forward runs under `solver.amp` autocast; the loss is taken in float32 (parameters and gradients stay
+    float32); fp16 scales the loss (`scaler`) so that small gradients survive."""
     lr = set_lr(opt, solver, batch.iteration)
     if not batch.images:
         return None
-    cls, box = multitask_loss(model(batch.images, batch.rois), batch.labels, batch.targets)
+    device = batch.images[0].device
+    with autocast(device, solver.amp):
+        out = model(batch.images, batch.rois)
+    out = Output(out.scores.float(), out.deltas.float() if out.deltas is not None else None)
+    cls, box = multitask_loss(out, batch.labels, batch.targets)
     loss = cls + box
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"detect: loss {loss.item()} at iteration {batch.iteration} (lr {lr:g}): "
                                  f"lower detect.lr")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return [loss.item(), cls.item(), box.item(), (batch.labels > 0).float().mean().item()]
 
 
@@ -145,8 +161,9 @@ def train(model: FastRCNN, entries: Sequence[Entry], sampling: SamplingConfig, s
     model.train()
     dataset = IterationBatches(entries, sampling, solver.images_per_batch, solver.flip, solver.scale,
                                solver.max_size, seed, solver.iterations)
+    scaler = grad_scaler(device, solver.amp)  # fp16 only; its state is rebuilt on resume (a few iterations)
     for batch in make_loader(dataset, run.iteration, solver.workers):
-        stats = _step(model, opt, batch.to(device), solver)
+        stats = _step(model, opt, batch.to(device), solver, scaler)
         if stats is not None:
             run.window.append(stats)
         run.iteration = batch.iteration + 1

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ctxrepro.data.images import read_rgb
 from ctxrepro.pretext.color import COLOR_MODES, RMS_EPS, PatchAugment, preprocess
+from ctxrepro.pretext.precision import autocast, check_amp
 from ctxrepro.pretext.sampling import cut_patches
 from ctxrepro.progress import track
 
@@ -52,10 +53,12 @@ class BankSpec:
     color: str = "projection"  # the colour handling the network was trained with (section 3.1)
     drop_views: bool = True  # colour-dropping nets: average fc6 over the three kept channels
     batch_patches: int = 512  # patches per forward pass
+    amp: str = "none"  # autocast of the network (ctxrepro.pretext.precision); features are float32
 
     def __post_init__(self) -> None:
         if self.color not in COLOR_MODES:
             raise ValueError(f"BankSpec.color={self.color!r} is not one of {COLOR_MODES}")
+        check_amp(self.amp)
         if not self.scales or any(s <= 0 for s in self.scales):
             raise ValueError(f"BankSpec.scales={self.scales}: need at least one positive scale")
         if self.patch < 2 or self.grid_step < 1 or self.patch // self.grid_step < 1:
@@ -215,7 +218,8 @@ def embed(model: nn.Module, patches: Tensor, spec: BankSpec, g: torch.Generator,
         x = preprocess(x, g, cfg)
         if x.shape[-1] != spec.net_size:
             x = F.interpolate(x, size=(spec.net_size, spec.net_size), mode="area")
-    feats = model.embed(x.contiguous(memory_format=torch.channels_last)).float()
+    with autocast(device, spec.amp):
+        feats = model.embed(x.contiguous(memory_format=torch.channels_last)).float()
     feats = feats.view(-1, n, feats.shape[1]).mean(dim=0)  # the views' average (one view: itself)
     f = feats - feats.mean(dim=1, keepdim=True)
     norm = f.norm(dim=1, keepdim=True)

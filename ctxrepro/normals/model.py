@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ctxrepro.checkpoint import digest, restore_state, save_state
 from ctxrepro.normals.grid import CellGrid, interpolation_matrix
 from ctxrepro.pretext.model import xavier_init_
+from ctxrepro.pretext.precision import autocast, check_amp, grad_scaler
 from ctxrepro.seeds import derive_seed
 from ctxrepro.states.folders import resume_state
 
@@ -164,6 +165,10 @@ class TrainSettings:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000  # steps between resumable checkpoints
+    amp: str = "none"  # autocast of the forward (ctxrepro.pretext.precision); the loss is float32
+
+    def __post_init__(self) -> None:
+        check_amp(self.amp)
 
 
 @dataclass(frozen=True)
@@ -205,9 +210,13 @@ def _batch(data: TrainSet, idx: Tensor, flips: Tensor, codebook: Tensor, device:
     return x, assign_codes(n, v, codebook)
 
 
-def _update(net: NormalsNet, opt: torch.optim.Optimizer, x: Tensor, codes: Tensor, step: int) -> Tensor:
-    """One SGD step on the per-cell cross-entropy (cells without ground truth ignored); the loss."""
-    logits = net(x)
+def _update(net: NormalsNet, opt: torch.optim.Optimizer, x: Tensor, codes: Tensor, step: int, amp: str = "none",
+            scaler: torch.amp.GradScaler | None = None) -> Tensor:
+    """One SGD step on the per-cell cross-entropy (cells without ground truth ignored); the loss.
+
+    The forward runs under `amp` autocast, the loss in float32; fp16 scales it (`scaler`)."""
+    with autocast(x.device, amp):
+        logits = net(x).float()
     if logits.shape[2:] != codes.shape[1:]:
         raise ValueError(f"the net's output grid {tuple(logits.shape[2:])} differs from the targets' "
                          f"{tuple(codes.shape[1:])}")
@@ -215,8 +224,13 @@ def _update(net: NormalsNet, opt: torch.optim.Optimizer, x: Tensor, codes: Tenso
     if not torch.isfinite(loss):
         raise FloatingPointError(f"normals fine-tuning: loss {loss.item()} at step {step}; lower the lr")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return loss.detach()
 
 
@@ -273,12 +287,13 @@ def train_normals(net: NormalsNet, data: TrainSet, codebook: np.ndarray, s: Trai
     record = _record(net, data, codebook, s) if state is not None else {}  # before a resume loads weights
     run, state = _start(net, opt, record, s, state, log)
     start, elapsed = time.monotonic(), run.seconds
+    scaler = grad_scaler(device, s.amp)  # fp16 only; rebuilt on resume (its scale settles in a few steps)
     for step in range(run.step + 1, s.steps + 1):
         idx = torch.randint(len(data.images), (s.batch,), generator=run.batches)
         flips = torch.rand(s.batch, generator=run.batches) < (0.5 if s.flip else 0.0)  # drawn either way
         x, codes = _batch(data, idx, flips, book, device)
         if not (codes == IGNORE).all():  # a batch without any ground truth teaches nothing
-            run.window.append(_update(net, opt, x, codes, step))
+            run.window.append(_update(net, opt, x, codes, step, s.amp, scaler))
         run.step, elapsed = step, run.seconds + time.monotonic() - start
         if (step % s.log_every == 0 or step == s.steps) and run.window:
             run.losses.append(float(torch.stack(run.window).mean()))
@@ -294,14 +309,16 @@ def train_normals(net: NormalsNet, data: TrainSet, codebook: np.ndarray, s: Trai
 
 @torch.no_grad()
 def predict_coarse(net: NormalsNet, images: np.ndarray, codebook: np.ndarray, batch: int,
-                   device: str) -> np.ndarray:
+                   device: str, amp: str = "none") -> np.ndarray:
     """Decoded unit normals (N, h, w, 3) float32 on the trunk's output grid for uint8 images (N, H, W, 3)."""
     net.to(device).eval()
     book = torch.as_tensor(codebook, dtype=torch.float32, device=device)
     out = []
     for lo in range(0, len(images), batch):
         x = torch.from_numpy(images[lo:lo + batch]).to(device).permute(0, 3, 1, 2).float()
-        probs = torch.softmax(net(x).float(), dim=1)
+        with autocast(device, amp):
+            logits = net(x)
+        probs = torch.softmax(logits.float(), dim=1)
         out.append(decode(probs, book).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 

@@ -181,6 +181,20 @@ def any_rank(flag: bool, device: str) -> bool:
     return bool(all_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
+def over_budget(max_seconds: float, log_every: int, step: int, elapsed: float, device: str, world: int) -> bool:
+    """Whether the time budget is spent, agreed by all ranks so that they stop together.
+
+    Without a budget no rank can stop early: no collective at all. With one, several ranks agree only
+    every `log_every` steps (one all-reduce and host sync there, not per step), so a run may overshoot
+    its budget by up to log_every - 1 steps; one process checks every step.
+    """
+    if max_seconds <= 0:
+        return False
+    if world == 1:
+        return elapsed >= max_seconds
+    return step % log_every == 0 and any_rank(elapsed >= max_seconds, device)
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (a one-element list on one process)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -36,6 +36,7 @@ from ctxrepro.pretext.data import (AUGMENT, HELDOUT, INIT, BatchSpec, ImageTable
                                    heldout_plans, load_plan, make_loader)
 from ctxrepro.pretext.model import build_model
 from ctxrepro.pretext.monitor import Monitor, collapsed, summary
+from ctxrepro.pretext.precision import autocast, describe, grad_scaler  # autocast: also ctxrepro.pretext.engine's
 from ctxrepro.seeds import derive_seed, generator
 from ctxrepro.states.folders import find_state
 
@@ -75,8 +76,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 100
     min_live_fraction: float = 0.0  # stop when a watched ReLU's live share falls below it (pretext.monitor)
-    amp: str = "bf16"  # CUDA only: "bf16", "fp16" (with a grad scaler) or "none"
-    channels_last: bool = True  # CUDA only
+    amp: str = "bf16"  # "bf16", "fp16" (with a grad scaler) or "none", on any device (pretext.precision)
+    channels_last: bool = True  # as given; stages/pretrain.py resolves it per device (precision.use_channels_last)
     compile: bool = False
     heldout_images: int = 500  # docs/METHOD.md: pretext accuracy on 500 VOC07 images
     workers: int = 4
@@ -146,13 +147,6 @@ def loss_scale(reduction: str, global_pairs: int, world: int) -> float:
     raise ValueError(f"loss {reduction!r} is not one of 'sum', 'mean'")
 
 
-def autocast(device: str, amp: str):
-    """bf16/fp16 autocast on CUDA; a no-op elsewhere (CPU runs stay float32 and bit-reproducible)."""
-    enabled = device.startswith("cuda") and amp != "none"
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=dtype, enabled=enabled)
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, x: Tensor, pairs: Tensor,
                labels: Tensor, cfg: TrainConfig, device: str, world: int) -> tuple[Tensor, Tensor]:
     """One optimiser step; returns (summed cross-entropy, number correct) as device tensors (no sync)."""
@@ -194,11 +188,10 @@ def evaluate(model: nn.Module, table: ImageTable, cfg: TrainConfig, device: str)
     counts = torch.zeros_like(correct)
     g = generator(cfg.seed, HELDOUT, AUGMENT, device=device)
     cfg = replace(cfg, augment=replace(cfg.augment, downsample_prob=0.0))  # no random downsampling here
-    channels_last = cfg.channels_last and device.startswith("cuda")
     for plan in heldout_plans(table, cfg.data, cfg.seed, cfg.heldout_images):
         batch = finish_batch(load_plan(table, plan, cfg.data.patch), table, cfg.data.patch, device)
         with autocast(device, cfg.amp):
-            logits = model(prepare_inputs(batch["patches"], cfg, g, channels_last), batch["pairs"])
+            logits = model(prepare_inputs(batch["patches"], cfg, g, cfg.channels_last), batch["pairs"])
         hit = (logits.argmax(1) == batch["labels"]).double().cpu()
         group = torch.from_numpy(table.groups)[batch["images"].cpu()[batch["pair_image"].cpu()]]
         correct.index_add_(0, group, hit)
@@ -231,11 +224,9 @@ def _build(cfg: TrainConfig, device: str, world: int) -> _Run:
     model = build_model(cfg.tower, cfg.net_size, cfg.width, cfg.fc_dim).to(device)
     if world > 1:
         model = D.sync_batchnorm(model, device)
-    if cfg.channels_last and device.startswith("cuda"):
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    fp16 = device.startswith("cuda") and cfg.amp == "fp16"
-    scaler = torch.amp.GradScaler("cuda") if fp16 else None
-    return _Run(model, build_optimizer(model.parameters(), cfg.optim), scaler)
+    return _Run(model, build_optimizer(model.parameters(), cfg.optim), grad_scaler(device, cfg.amp))
 
 
 def _record(cfg: TrainConfig, info: D.DistInfo) -> dict[str, Any]:
@@ -317,7 +308,7 @@ def _loop(run: _Run, cfg: TrainConfig, table: ImageTable, state: Path, device: s
     """Steps run.step..cfg.steps-1, or until the time budget ends; checkpoints only verified states."""
     step_model = _wrap(run.model, cfg, device, info)
     monitor = Monitor(run.model)
-    prepare = Prepare(cfg, info.rank, device, cfg.channels_last and device.startswith("cuda"))
+    prepare = Prepare(cfg, info.rank, device, cfg.channels_last)
     on_cpu = device == "cpu"  # CPU: preprocess in the workers; CUDA: on the GPU after the transfer
     dataset = StepBatches(table, cfg.data, cfg.seed, info.rank, cfg.steps, cfg.decode == "worker" or on_cpu,
                           prepare if on_cpu else None, cut_in_worker=on_cpu)  # CUDA: rescale + cut on the device
@@ -334,8 +325,7 @@ def _loop(run: _Run, cfg: TrainConfig, table: ImageTable, state: Path, device: s
         pairs.append(len(b["labels"]))
         run.step = batch["step"] + 1
         elapsed = run.seconds + time.monotonic() - start
-        over = cfg.max_seconds > 0 and elapsed >= cfg.max_seconds
-        over = D.any_rank(over, device) if info.world > 1 else over
+        over = D.over_budget(cfg.max_seconds, cfg.log_every, run.step, elapsed, device, info.world)
         done = over or run.step >= cfg.steps
         save = done or run.step % cfg.checkpoint_every == 0
         if save or run.step % cfg.log_every == 0:
@@ -357,7 +347,7 @@ def _loop(run: _Run, cfg: TrainConfig, table: ImageTable, state: Path, device: s
     run.seconds = elapsed  # as saved in the final checkpoint, so a resumed run reports the same rate
 
 
-def configure_backend(device: str, log: logging.Logger) -> None:
+def configure_backend(device: str, amp: str, log: logging.Logger) -> None:
     """Set the numerics flags that matter here and write them all to the log (determinism: the flags are part of the result)."""
     if device.startswith("cuda"):
         # The patch count changes every step: cuDNN autotuning would re-benchmark for each new shape.
@@ -367,8 +357,8 @@ def configure_backend(device: str, log: logging.Logger) -> None:
                  torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
                  torch.backends.cuda.matmul.allow_tf32)
     else:
-        log.info("CPU training: %d threads, float32 (amp and channels_last apply to CUDA only)",
-                 torch.get_num_threads())
+        log.info("CPU training: %d threads", torch.get_num_threads())
+    log.info("precision: %s", describe(device, amp))
 
 
 def train(cfg: TrainConfig, table: ImageTable, heldout: ImageTable, paths: TrainPaths, device: str,
@@ -379,7 +369,7 @@ def train(cfg: TrainConfig, table: ImageTable, heldout: ImageTable, paths: Train
     `table` is this rank's shard of the training images; `on_log(row)` receives every history row
     (first the rows of the resumed checkpoint, so a logger can rebuild its plots from scratch).
     """
-    configure_backend(device, log)
+    configure_backend(device, cfg.amp, log)
     run = _build(cfg, device, info.world)
     state = _resume(run, cfg, paths.state, info, log)
     if on_log is not None and info.is_main:
