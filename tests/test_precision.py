@@ -1,4 +1,5 @@
-"""Tests for ctxrepro.pretext.precision and the mixed-precision code of pretrain, detect and normals (issue 25).
+"""Tests for ctxrepro.pretext.precision and the mixed-precision code of pretrain, detect (Fast R-CNN and the R-CNN
+protocol) and normals (issue 25).
 
 The GPU path's code runs here on the CPU: bf16 and fp16 autocast (with the gradient scaler), channels_last,
 torch.compile with inductor, and global batch norm under DDP with autocast (tests/test_ddp_precision.py). Each
