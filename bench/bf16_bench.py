@@ -17,6 +17,9 @@ seconds per step and their ratio. Parameters stay float32 in both arms (autocast
   240 x 320 images; 144 x 192 frames, batch 8, 64-channel head), 1 thread.
 - `embed-tiny`: the analyses' forward pass (pretext_eval, nn, mine): the tiny tower on 512 patches of 32 px.
 - `aberration-tiny`: the aberration stage's regressor step (32 px, width 16, fc 64, batch 128, Adam).
+- `rcnn-tiny`, `rcnn-fc7-tiny`: the R-CNN protocol's window fine-tuning step (`detect.rcnn`: 64 warped windows
+  of 112 px through the tiny Figure 6 network, SGD with R-CNN's rate groups) and its fc7 extraction (256
+  windows a forward pass, `feature_batch`), 1 thread.
 
     .venv/bin/python bench/bf16_bench.py [--rounds 5] [case ...]
     .venv/bin/python bench/bf16_bench.py --loop ROOT   # ROOT: a copy of the repo after `fetch` and `resize`
@@ -46,10 +49,12 @@ import torch.nn.functional as F
 
 from ctxrepro.analysis.aberration import RegressorConfig, build_regressor
 from ctxrepro.detection.model import FastRCNN, multitask_loss
+from ctxrepro.detection.rcnn import finetune as rcnn_finetune
+from ctxrepro.detection.rcnn.net import WindowNet
 from ctxrepro.normals.model import build_net, trunk_output
 from ctxrepro.pretext.model import build_model
 from ctxrepro.pretext.precision import autocast, cpu_has_native_bf16
-from ctxrepro.transfer.trunk import TrunkSpec, build_trunk
+from ctxrepro.transfer.trunk import Converted, TrunkSpec, build_trunk
 
 Step = Callable[[str], None]
 CL = "bf16+channels_last"
@@ -128,7 +133,8 @@ def normals_case(threads: int, batch: int = 2, spec: TrunkSpec = PAPER, size: tu
 
 ARMS = {"pretrain-tiny": ("none", "bf16", CL), "pretrain-paper": ("none", "bf16", CL),
         "detect": ("none", "bf16"), "normals": ("none", "bf16"), "detect-tiny": ("none", "bf16"),
-        "normals-tiny": ("none", "bf16"), "embed-tiny": ("none", "bf16", CL), "aberration-tiny": ("none", "bf16")}
+        "normals-tiny": ("none", "bf16"), "embed-tiny": ("none", "bf16", CL), "aberration-tiny": ("none", "bf16"),
+        "rcnn-tiny": ("none", "bf16"), "rcnn-fc7-tiny": ("none", "bf16")}
 def embed_case(threads: int, patches: int = 512) -> tuple[Step, int]:
     """The analyses' forward pass (pretext_eval, nn, mine): the tiny small tower embedding 32 px patches."""
     torch.manual_seed(0)
@@ -161,6 +167,25 @@ def aberration_case(threads: int) -> tuple[Step, int]:
     return step, threads
 
 
+def rcnn_case(threads: int, train: bool) -> tuple[Step, int]:
+    """R-CNN's window fine-tuning step (`rcnn_finetune._step`, 64 windows) or fc7 extraction (256 windows) on
+    the tiny Figure 6 network at its 112 px input."""
+    trunk, head = build_trunk(TINY, 0)
+    net = WindowNet(Converted(trunk, head, "scratch", [], None, {}), 0.5).train(train)
+    opt = rcnn_finetune.build_optimizer(net, rcnn_finetune.FinetuneConfig())
+    g = torch.Generator().manual_seed(0)
+    windows = torch.rand(64 if train else 256, 3, 112, 112, generator=g) * 255
+    labels = torch.randint(0, 21, (len(windows),), generator=g)
+
+    def step(amp: str) -> None:
+        if train:
+            rcnn_finetune._step(net, opt, windows, labels, 1e-3, 0, amp)
+            return
+        with torch.no_grad(), autocast("cpu", amp):
+            net.fc7_features(windows)
+    return step, threads
+
+
 CASES = {
     "pretrain-tiny": lambda: pretrain_case("small", 32, 256, 1165, "adam", 1),
     "pretrain-paper": lambda: pretrain_case("alexnet", 96, 512, 2330, "sgd", 2),
@@ -170,6 +195,8 @@ CASES = {
     "normals-tiny": lambda: normals_case(1, 8, TINY, (144, 192), 64),
     "embed-tiny": lambda: embed_case(1),
     "aberration-tiny": lambda: aberration_case(1),
+    "rcnn-tiny": lambda: rcnn_case(1, True),
+    "rcnn-fc7-tiny": lambda: rcnn_case(1, False),
 }
 
 

@@ -144,9 +144,10 @@ class Params:
         windows = WindowConfig(r.pad, r.batch, r.fg_fraction, r.fg_thresh, r.bg_hi, r.bg_lo, self.flip,
                                r.max_proposals)
         solver = FinetuneConfig(r.iterations, r.lr, r.lr_step, self.gamma, self.momentum, self.weight_decay,
-                                self.bias_lr_mult, r.fc8_lr_mult, self.log_every, self.checkpoint_every, self.workers)
+                                self.bias_lr_mult, r.fc8_lr_mult, self.log_every, self.checkpoint_every, self.workers,
+                                self.amp)
         return RcnnConfig(windows, solver, r.svm, self.dropout, r.feature_batch, r.cache, self.nms,
-                          self.max_per_class)
+                          self.max_per_class, self.amp)
 
     def test(self) -> TestConfig:
         return TestConfig(self.scale, self.max_size, self.score_thresh, self.nms, self.max_per_class, self.roi_chunk,

@@ -1,4 +1,5 @@
-"""Tests for ctxrepro.pretext.precision and the mixed-precision code of pretrain, detect and normals (issue 25).
+"""Tests for ctxrepro.pretext.precision and the mixed-precision code of pretrain, detect (Fast R-CNN and the R-CNN
+protocol) and normals (issue 25).
 
 The GPU path's code runs here on the CPU: bf16 and fp16 autocast (with the gradient scaler), channels_last,
 torch.compile with inductor, and global batch norm under DDP with autocast (tests/test_ddp_precision.py). Each
@@ -21,6 +22,12 @@ from torch import nn
 from ctxrepro.detection.infer import TestConfig as DetectTestConfig
 from ctxrepro.detection.infer import score_image
 from ctxrepro.detection.loader import IterationBatches
+from ctxrepro.detection.rcnn import finetune as rcnn_finetune
+from ctxrepro.detection.rcnn.features import window_features
+from ctxrepro.detection.rcnn.net import WindowNet
+from ctxrepro.detection.rcnn.protocol import RcnnConfig
+from ctxrepro.detection.rcnn.windows import WindowBatches, WindowConfig
+from ctxrepro.detection.roidb import read_rgb
 from ctxrepro.detection.train import _step as detect_step
 from ctxrepro.detection.train import build_optimizer as detect_optimizer
 from ctxrepro.checkpoint import load_checkpoint
@@ -30,6 +37,8 @@ from ctxrepro.pretext import precision as P
 from ctxrepro.pretext.distributed import DistInfo
 from ctxrepro.pretext.model import build_model
 from ctxrepro.pretext.sampling import grid_pairs
+from ctxrepro.transfer.caffenet import CaffeNetSpec, build_caffenet
+from ctxrepro.transfer.trunk import Converted, TrunkSpec, build_trunk
 
 from test_detection_train import SAMPLING, make_entries, make_solver
 from test_detection_train import make_model as detect_model
@@ -277,3 +286,87 @@ def test_bf16_normals_checkpoint_loads_into_a_float32_net_and_reruns_are_bit_ide
     state = load_checkpoint(tmp_path / "a.pt")["model"]
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
     make_net().load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------- detect, R-CNN protocol
+
+RCNN_WINDOWS = WindowConfig(pad=2, batch=8, fg_fraction=0.25)
+
+
+def window_net(network: str) -> WindowNet:
+    """Figure 6's small network, or a small CaffeNet (the rescale rows' shape), on 64 px windows."""
+    if network == "caffenet":
+        net = build_caffenet(CaffeNetSpec(tower="small", width=4, roi_pool=3, fc6=16, fc7=16, input_side=64), seed=0)
+        return WindowNet(Converted(net, None, "kmeans_rescale", [], None, {}, "caffenet"), 0.5)
+    trunk, head = build_trunk(TrunkSpec(tower="small", width=4, conv6=16, conv6_kernel=2, conv6b=8, fc7=16,
+                                        input_side=64), seed=0)
+    return WindowNet(Converted(trunk, head, "scratch", [], None, {}), 0.5)
+
+
+@pytest.mark.parametrize("amp,network", [("bf16", "figure6"), ("bf16", "caffenet"), ("fp16", "figure6"),
+                                         ("none", "figure6")])
+def test_rcnn_finetune_step_and_fc7_run_in_amp_with_float32_state(native_bf16, tmp_path, amp, network):
+    net = window_net(network).train()
+    cfg = rcnn_finetune.FinetuneConfig(lr=0.01, amp=amp)
+    opt = rcnn_finetune.build_optimizer(net, cfg)
+    entries = make_entries(tmp_path)
+    windows, labels = WindowBatches(entries, RCNN_WINDOWS, net.side, net.fill, 0, 1)[0]
+    probe = DtypeProbe(net)
+    scaler = P.grad_scaler("cpu", amp)
+    assert (scaler is not None) == (amp == "fp16")
+    loss = step_until_finite(lambda: rcnn_finetune._step(net, opt, windows, labels, 0.01, 0, amp, scaler), net)
+    assert math.isfinite(loss) and len(probe.seen) >= 5  # conv1..conv5 at least, then fc7 and fc8
+    assert probe.dtypes() == {LOW[amp]}
+    assert_float32_training_state(net)
+    for state in opt.state.values():
+        assert state["momentum_buffer"].dtype == torch.float32
+    probe.seen.clear()
+    rgb = read_rgb(entries[0].path, entries[0].height, entries[0].width)
+    feats = window_features(net.eval(), rgb, np.array([[0, 0, 30, 20], [10, 5, 40, 40], [2, 2, 9, 9]], float), 2, 2,
+                            "cpu", amp)
+    assert probe.dtypes() == {LOW[amp]} and len(probe.seen) >= 2 * 5  # two forward passes of 2 and 1 windows
+    assert feats.dtype == np.float16 and feats.shape == (3, 16) and (feats >= 0).all() and np.isfinite(feats).all()
+
+
+def test_bf16_rcnn_reruns_are_bit_identical_and_another_amp_is_another_state(native_bf16, tmp_path):
+    from test_detection_train import assert_same_checkpoint
+
+    entries = make_entries(tmp_path)
+    cfg = rcnn_finetune.FinetuneConfig(iterations=4, lr=0.01, log_every=2, checkpoint_every=2, workers=0, amp="bf16")
+    log = logging.getLogger("test")
+    for run in ("a", "b"):
+        rcnn_finetune.finetune(window_net("figure6"), entries, RCNN_WINDOWS, cfg, 3, "cpu", log, tmp_path / run)
+    [a], [b] = (list((tmp_path / run).glob("*/last.pt")) for run in ("a", "b"))
+    assert_same_checkpoint(a, b)
+    ckpt = load_checkpoint(a)
+    assert ckpt["config"]["amp"] == "bf16" and ckpt["iteration"] == 4
+    assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float32}
+    window_net("figure6").load_state_dict(ckpt["model"])  # loads into a float32 net, every key
+    rcnn_finetune.finetune(window_net("figure6"), entries, RCNN_WINDOWS, replace(cfg, amp="none"), 3, "cpu", log,
+                           tmp_path / "a")
+    assert len(list((tmp_path / "a").glob("*/last.pt"))) == 2  # float32 opened its own state, bf16's kept as it was
+    assert_same_checkpoint(a, b)
+    with pytest.raises(ValueError, match="amp 'bf32' is not one of none, bf16, fp16"):
+        RcnnConfig(RCNN_WINDOWS, cfg, None, amp="bf32")
+
+
+def test_rcnn_fc7_cache_recomputes_the_features_of_another_amp(native_bf16, tmp_path):
+    from ctxrepro.detection.rcnn.protocol import _Features
+    from ctxrepro.detection.rcnn.svm import SvmConfig
+
+    entries = make_entries(tmp_path)[:2]
+    net = window_net("figure6")
+    log = logging.getLogger("test")
+
+    def computed(amp: str) -> tuple[list[np.ndarray], int]:
+        cfg = RcnnConfig(RCNN_WINDOWS, rcnn_finetune.FinetuneConfig(), SvmConfig(), feature_batch=4, cache="all",
+                         amp=amp)
+        feats = _Features(net, cfg, tmp_path / "state", "cpu", log)
+        out = [f for _, _, f in feats.stream(entries, "test", False)]
+        return out, feats.windows
+
+    bf16, n = computed("bf16")
+    assert n == 16 and computed("bf16")[1] == 0  # read back from the cache
+    fp32, n = computed("none")
+    assert n == 16 and any(not np.array_equal(a, b) for a, b in zip(bf16, fp32))
+    assert all(np.allclose(a, b, rtol=0.05, atol=0.05) for a, b in zip(bf16, fp32))

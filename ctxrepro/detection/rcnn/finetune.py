@@ -8,6 +8,10 @@ softmax cross-entropy over the 21 classes of each window.
 Resumable like Fast R-CNN's `train`: every `checkpoint_every` iterations the model, optimizer, RNG states,
 iteration and loss history are saved (`ctxrepro.checkpoint.save_state`) with a record of the params and
 starting weights; batches are a pure function of (seed, iteration), so a resumed run matches an uninterrupted one.
+
+The forward runs under `amp` autocast (ctxrepro.pretext.precision), as Fast R-CNN's training does: the loss is
+taken in float32 and parameters, gradients and momentum stay float32; fp16 scales the loss. `amp` is part of the
+checkpoint's record, so another precision is another configuration (its own state folder).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ctxrepro.states.folders import resume_state
 from ctxrepro.detection.rcnn.net import WindowNet
 from ctxrepro.detection.rcnn.windows import WindowBatches, WindowConfig, window_loader
 from ctxrepro.detection.roidb import Entry
+from ctxrepro.pretext.precision import autocast, check_amp, grad_scaler
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,10 @@ class FinetuneConfig:
     log_every: int = 20
     checkpoint_every: int = 1000
     workers: int = 4
+    amp: str = "none"  # autocast of the forward: "bf16", "fp16" (with a gradient scaler) or "none" (float32)
+
+    def __post_init__(self) -> None:
+        check_amp(self.amp)
 
 
 def build_optimizer(net: WindowNet, cfg: FinetuneConfig) -> torch.optim.SGD:
@@ -63,16 +72,24 @@ def lr_at(cfg: FinetuneConfig, iteration: int) -> float:
 
 
 def _step(net: WindowNet, opt: torch.optim.SGD, windows: torch.Tensor, labels: torch.Tensor, lr: float,
-          iteration: int) -> float:
+          iteration: int, amp: str = "none", scaler: torch.amp.GradScaler | None = None) -> float:
+    """One SGD step: the forward under `amp` autocast, the loss in float32, fp16's loss scaled by `scaler`."""
     for group in opt.param_groups:
         group["lr"] = lr * group["mult"]
-    loss = F.cross_entropy(net(windows), labels)
+    with autocast(windows.device, amp):
+        logits = net(windows)
+    loss = F.cross_entropy(logits.float(), labels)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"detect (R-CNN fine-tuning): loss {loss.item()} at iteration {iteration} "
                                  f"(lr {lr:g}): lower detect.rcnn.lr")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return loss.item()
 
 
@@ -96,9 +113,10 @@ def finetune(net: WindowNet, entries: Sequence[Entry], windows: WindowConfig, cf
     dataset = WindowBatches(entries, windows, net.side, net.fill, seed, cfg.iterations)
     log.info("R-CNN fine-tuning: %d foreground and %d background windows, %d iterations of %d", len(dataset.pool.fg_image),
              len(dataset.pool.bg_image), cfg.iterations, windows.batch)
+    scaler = grad_scaler(device, cfg.amp)  # fp16 only; its state is rebuilt on resume (a few iterations)
     for batch, labels in window_loader(dataset, iteration, cfg.workers):
         lr = lr_at(cfg, iteration)
-        window.append(_step(net, opt, batch.to(device), labels.to(device), lr, iteration))
+        window.append(_step(net, opt, batch.to(device), labels.to(device), lr, iteration, cfg.amp, scaler))
         iteration += 1
         last = iteration == cfg.iterations
         if iteration % cfg.log_every == 0 or last:

@@ -29,6 +29,7 @@ from ctxrepro.detection.rcnn.net import WindowNet
 from ctxrepro.detection.rcnn.svm import SvmConfig, hard_negative_epoch, summary
 from ctxrepro.detection.rcnn.windows import WindowConfig, image_windows, subsample
 from ctxrepro.detection.roidb import Entry
+from ctxrepro.pretext.precision import check_amp
 from ctxrepro.transfer.trunk import Converted
 
 
@@ -42,6 +43,10 @@ class RcnnConfig:
     cache: str = "trainval"  # fc7 cached per image for: none, trainval (read twice), all (test too)
     nms: float = 0.3
     max_per_class: int = 100
+    amp: str = "none"  # autocast of the fc7 extraction (ctxrepro.pretext.precision); fine-tuning has its own
+
+    def __post_init__(self) -> None:
+        check_amp(self.amp)
 
 
 @dataclass
@@ -60,7 +65,7 @@ class _Features:
     def __init__(self, net: WindowNet, cfg: RcnnConfig, state: Path | None, device, log: logging.Logger):
         self.net, self.cfg, self.device, self.log, self.seconds, self.windows = net, cfg, device, log, 0.0, 0
         self.key = {"weights": digest(net.state_dict().values()), "side": net.side, "pad": cfg.windows.pad,
-                    "max_proposals": cfg.windows.max_proposals}
+                    "max_proposals": cfg.windows.max_proposals, "amp": cfg.amp}
         self.state = state
 
     def stream(self, entries: Sequence[Entry], split: str, with_gt: bool):
@@ -71,7 +76,7 @@ class _Features:
         start = time.monotonic()
         for e, boxes, feats, computed in stream_features(self.net, entries, boxes_of, self.cfg.windows.pad,
                                                          self.cfg.feature_batch, self.device, cache, self.log,
-                                                         f"fc7 {split}"):
+                                                         f"fc7 {split}", self.cfg.amp):
             if computed:  # the rate counts extraction only, not cache reads
                 self.seconds += time.monotonic() - start
                 self.windows += len(boxes)
