@@ -64,8 +64,9 @@ def linear_probe(p: dict, c: Counts, key: str) -> Estimate:
     batch = lp["batch"] * 3 * lp["input_side"] ** 2 * nets.FLOAT
     memory = (BASE_MEMORY + 2 * checkpoint + lp["workers"] * (WORKER_MEMORY + 2 * batch)
               + 4 * voc // max(1, layers))  # the SVMs hold one layer's features in float32 (and a copy)
-    # the state is a persist out; a running one keeps its previous state and writes the next beside it
-    return Estimate(uncached=PROBE_OUTS + checkpoint, kept=voc, scratch=2 * checkpoint, memory=memory)
+    # the state folder is a persist out holding the heads' checkpoint and the VOC07 feature cache; a running probe
+    # keeps its previous state and writes the next beside it
+    return Estimate(uncached=PROBE_OUTS + checkpoint + voc, scratch=2 * checkpoint, memory=memory)
 
 
 def report(p: dict, c: Counts, key: str | None = None) -> Estimate:
