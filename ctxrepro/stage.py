@@ -101,16 +101,39 @@ def spec_paths(entries: list | None) -> list[str]:
     return [str(next(iter(e))) if isinstance(e, dict) else str(e) for e in entries or ()]
 
 
+def pipeline_outputs(root: Path) -> list[str]:
+    """Every path a stage in root's dvc.yaml writes (outs, metrics, plots), cut before any `${...}` template."""
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    found = []
+    for spec in stages.values():
+        spec = (spec.get("do", spec) if isinstance(spec, dict) else None) or {}
+        for kind in ("outs", "metrics", "plots"):
+            found += [p.split("${")[0].rstrip("/") for p in spec_paths(spec.get(kind))]
+    return [p for p in found if p]
+
+
+def _produced(dep: str, outputs: list[str]) -> bool:
+    """Whether a dep is (or holds, or sits inside) another stage's output: data, not code."""
+    d = dep.rstrip("/")
+    return any(d == o or d.startswith(o + "/") or o.startswith(d + "/") for o in outputs)
+
+
 def code_provenance(root: Path, deps: list[str]) -> dict:
     """The commit the stage's code comes from, and whether its code deps are clean there.
 
-    The code deps are the dvc.yaml deps that git tracks (data deps are DVC's, ignored by git). `code_clean` is
+    The code deps are the dvc.yaml deps that git tracks and no stage writes (data deps are DVC's, ignored by
+    git, or other stages' metrics and plots, which git tracks but which are results, not code). `code_clean` is
     false when one of them has uncommitted changes or an untracked file inside it; `changed` names them. Without
     git every field is null: a metrics file then says it cannot tell.
     """
     unknown = {"commit": None, "code_clean": None, "changed": None}
     commit = git_commit(root)
-    fixed = [d for d in deps if "${" not in d]  # foreach templates name other stages' outputs
+    outputs = pipeline_outputs(root)
+    # foreach templates and other stages' outputs (the report reads every metrics file) are no code
+    fixed = [d for d in deps if "${" not in d and not _produced(d, outputs)]
     tracked = _git(root, "ls-files", "-z", "--", *fixed) if commit and fixed else ""
     if commit is None or tracked is None:
         return unknown

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +197,21 @@ def test_pretrain_reruns_are_bit_identical_under_the_tiny_profiles_precision(nat
 
 @pytest.mark.slow
 def test_compiled_pretrain_step_with_inductor_under_bf16(native_bf16):
+    """One inductor-compiled pretrain step under bf16, in a fresh interpreter: inductor's C++ builder imports
+    setuptools, whose distutils shim refuses a process in which an earlier test already imported the stdlib's
+    distutils (it failed so inside the full suite, alone it passed)."""
+    script = ("import sys, torch; sys.path.insert(0, 'tests'); torch.set_num_threads(1); import test_precision as T; "
+              "T.P.cpu_has_native_bf16 = lambda: True; T.compiled_step(); print('compiled step ok')")
+    # setuptools' own distutils is what its shim insists on; the stdlib's (Python 3.11 still has it) is as good
+    # for inductor's compiler flags and leaves the shim nothing to refuse
+    env = {**os.environ, "SETUPTOOLS_USE_DISTUTILS": "stdlib"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0 and done.stdout.strip().endswith("compiled step ok"), done.stderr[-3000:]
+
+
+def compiled_step() -> None:
+    """The compiled step itself (run by the test above in its own process)."""
     cfg = make_cfg(amp="bf16", channels_last=True, compile=True)
     run = engine._build(cfg, "cpu", 1)
     model = engine._wrap(run.model, cfg, "cpu", DistInfo())

@@ -52,6 +52,23 @@ def test_clean_checkout_records_head_and_only_the_code_deps_count(repo):
     assert code_provenance(repo, DEPS)["code_clean"] is True
 
 
+def test_other_stages_tracked_outputs_are_results_not_code(repo):
+    """The report reads every metrics file, which git tracks: a rerun upstream rewrites them, and that is no code
+    change. Mutation caught: `code_provenance` counting git-tracked outputs of dvc.yaml's stages as code (the smoke
+    run's report then said code_clean false, listing every metrics file)."""
+    (repo / "metrics/pretrain").mkdir(parents=True)
+    (repo / "metrics/pretrain/v.json").write_text("{}\n")
+    (repo / "dvc.yaml").write_text("stages:\n  pretrain:\n    foreach: [v]\n    do:\n      cmd: x\n"
+                                   "      metrics:\n        - metrics/pretrain/${item}.json:\n            cache: false\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "two")
+    deps = ["metrics/pretrain", "pkg/a.py"]
+    (repo / "metrics/pretrain/v.json").write_text('{"loss": 1}\n')
+    assert code_provenance(repo, deps) == {"commit": _git(repo, "rev-parse", "HEAD"), "code_clean": True, "changed": []}
+    (repo / "pkg/a.py").write_text("A = 10\n")  # positive control: the code dep still counts
+    assert code_provenance(repo, deps)["changed"] == ["pkg/a.py"]
+
+
 @pytest.mark.parametrize("change, changed", [
     (lambda r: (r / "pkg/a.py").write_text("A = 10\n"), ["pkg/a.py"]),
     (lambda r: (r / "pkg/sub/new.py").write_text("N = 0\n"), ["pkg/sub/new.py"]),

@@ -58,6 +58,8 @@ def _check_detect(repo: Path, params: dict, world: dict, row: str, spec: dict) -
     assert convert["init"] == spec["init"] and convert["conv5_stride"] == 16, row
     if convert["network"] == "caffenet":  # RoI pooling to CaffeNet's 6x6 (AlexNet) or VGG-16's 7x7
         assert convert["pool5_side"] == {"color_dropping": 6, "vgg16": 7}[spec["variant"]], row
+    elif spec["init"].endswith("_alexnet"):  # ImageNet-R-CNN, Scratch-R-CNN: torchvision's AlexNet, pool5 6x6
+        assert convert["pool5_side"] == 6, row
     elif spec["init"] != "imagenet":  # Figure 6: 227-px input, pool5 7x7
         assert convert["pool5_side"] == 7, row
     assert detect["test_images"] == world["voc2007"]["test"] and detect["train_images"] == world["voc2007"]["trainval"]
@@ -66,7 +68,10 @@ def _check_detect(repo: Path, params: dict, world: dict, row: str, spec: dict) -
     iterations = params["detect"]["rcnn"]["iterations"] if rcnn else params["detect"]["iterations"]
     assert detect["iterations"] == iterations, row
     if rcnn:  # R-CNN: warped 227-px windows, fc7 SVMs with R-CNN's settings, hard negatives counted
-        assert detect["protocol"].startswith("R-CNN") and detect["windows"]["side"] == 227, row
+        # windows at the network's designed input: 227 px, or 287 for torchvision's convs under Figure 6's head
+        # (its 6x6 fc6 as conv6 needs an 8x8 pool5)
+        side = 287 if spec["init"] == "imagenet" else 227
+        assert detect["protocol"].startswith("R-CNN") and detect["windows"]["side"] == side, row
         assert detect["svm"]["settings"]["C"] == params["detect"]["rcnn"]["svm"]["C"] == 0.001, row
         assert isinstance(detect["hard_negatives"], int) and detect["hard_negatives"] >= 0, row
         named = {"imagenet_alexnet": "ImageNet-R-CNN", "scratch_alexnet": "Scratch-R-CNN"}
