@@ -22,8 +22,7 @@ from ctxrepro.metrics.purity import purity_command
 from ctxrepro.metrics.voc import voc_command
 from ctxrepro.preflight.check import PreflightError, stage_check
 from ctxrepro.report.writer import report_command
-from ctxrepro.stage import (StageError, available_stages, check_params, resolve_params, run_stage, stage_help,
-                            stage_shards)
+from ctxrepro.stage import StageError, available_stages, resolve_params, run_stage, stage_help, stage_shards
 
 app = typer.Typer(help="Reproduce Doersch et al. 2015 (context prediction) as a DVC pipeline.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -194,7 +193,6 @@ def check_cmd(params: Path = PARAMS_OPT,
     from ctxrepro.profiles import current_profile
 
     try:
-        check_params(params)
         report = run_check(Path.cwd(), resolve_params(params), current_profile(Path.cwd()))
     except ParamsError as e:
         _fail(str(e), 2)

@@ -23,8 +23,8 @@ from typing import Callable
 
 import yaml
 
-from ctxrepro.config import (BaseParams, ParamsError, apply_overrides, load_params, load_yaml, parse_dataclass,
-                             resolve_device, to_plain)
+from ctxrepro.config import (BaseParams, ParamsError, apply_overrides, check_references, load_params, load_yaml,
+                             parse_dataclass, resolve_device, to_plain)
 from ctxrepro.container import run_stage_in_container
 from ctxrepro.io import atomic_write_json
 
@@ -195,10 +195,7 @@ def check_params(params_path: Path) -> list[str]:
     (`convert.rows.*.variant` from `pretrain.variants`, ...); return the stages checked. `dvc repro` checks
     its dependencies before any stage runs, so a row naming a missing variant fails there with DVC's own
     "[Errno 2]" on models/pretrain/<variant>.pt: this names the key instead (`make repro` runs it first)."""
-    stages = available_stages()
-    for name in stages:
-        load_params(params_path, name, importlib.import_module(f"stages.{name}").Params)
-    return stages
+    return [name for name in resolve_params(params_path) if name != "base"]
 
 
 def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1",
@@ -249,12 +246,14 @@ def run_stage(name: str, params_path: Path, sets: list[str], shard: str = "0/1",
 
 
 def resolve_params(params_path: Path) -> dict:
-    """Every section of a params file parsed by its stage (defaults filled, values checked), as plain data."""
+    """Every section of a params file parsed by its stage (defaults filled, values and the keys one section
+    takes from another checked, as `load_params` checks them for one stage), as plain data."""
     data = load_yaml(params_path)
     resolved = {"base": to_plain(parse_dataclass(BaseParams, data.get("base", {}), "base"))}
     for name in available_stages():
         if name not in data:
             raise ParamsError(f"params file {params_path} has no section '{name}'")
-        cls = importlib.import_module(f"stages.{name}").Params
-        resolved[name] = to_plain(parse_dataclass(cls, data[name], name))
+        section = parse_dataclass(importlib.import_module(f"stages.{name}").Params, data[name], name)
+        check_references(section, data, name)
+        resolved[name] = to_plain(section)
     return resolved
