@@ -31,10 +31,10 @@ def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    """An uncompressed tar holding `members` (name -> content) in the given order."""
+def tar_bytes(members: dict[str, bytes], mode: str = "w") -> bytes:
+    """A tar holding `members` (name -> content) in the given order; uncompressed unless `mode` says ("w:gz")."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)

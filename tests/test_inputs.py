@@ -4,9 +4,7 @@ the ILSVRC2012 devkit for the linear probes, the FAIR normals for Table 2, Fast 
 from __future__ import annotations
 
 import copy
-import io
 import logging
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -131,16 +129,6 @@ def test_official_downloads_the_boxes_only_when_proposals_read_them():
     assert plan[2].archive.checksum.hexdigest == "7078c1db87a7851b31966b96774cd9b9"  # Fast R-CNN's script
 
 
-def _tgz(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_fast_rcnn_boxes_are_placed_where_proposals_read_them(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -148,7 +136,7 @@ def test_fast_rcnn_boxes_are_placed_where_proposals_read_them(tmp_path):
     (src / "VOCtrainval_06-Nov-2007.tar").write_bytes(tar_bytes({root + "ImageSets/Main/trainval.txt": b"1\n"}))
     (src / "VOCtest_06-Nov-2007.tar").write_bytes(tar_bytes({root + "ImageSets/Main/test.txt": b"2\n"}))
     mats = {f"selective_search_data/voc_2007_{s}.mat": s.encode() for s in ("trainval", "test")}
-    (src / SELECTIVE_SEARCH).write_bytes(_tgz(mats))
+    (src / SELECTIVE_SEARCH).write_bytes(tar_bytes(mats, "w:gz"))
     write_md5sums(src)
     dest = tmp_path / "data/raw/voc2007"
     report = fetch_dataset("voc2007", str(src), dest, tmp_path / "dl", log=LOG,
